@@ -1,0 +1,1 @@
+"""Command-line interface (Typer). Modules here are thin: parse options, call the library, report."""

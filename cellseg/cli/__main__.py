@@ -1,0 +1,3 @@
+from cellseg.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""Data: layouts, synthetic stacks, ingest to Zarr, stores, loading codes, datasets, subimages."""

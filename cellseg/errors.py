@@ -1,0 +1,24 @@
+"""User-facing errors.
+
+Anything a user can cause (bad file, bad option, unreachable server) is raised as a
+``CellsegError`` with a one-line message that names the file or option and what is wrong.
+The CLI prints that line and exits non-zero, without a traceback (``--debug`` shows one).
+"""
+
+
+class CellsegError(Exception):
+    """Base class: an error the user can fix; its message is shown as is."""
+
+    exit_code = 1
+
+
+class BadInputError(CellsegError):
+    """A data file or folder is missing, unreadable or inconsistent."""
+
+
+class ConfigError(CellsegError):
+    """A config file, option, loading code or strategy is invalid."""
+
+
+class TrackingError(CellsegError):
+    """The MLflow tracking server or model registry cannot be used."""
