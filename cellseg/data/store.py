@@ -1,0 +1,230 @@
+"""The Zarr v3 store of ingested stacks: the reader everything trains from, and its low-level writer.
+
+Layout on disk (CONTRACTS.md): ``stacks/<key>/image`` uint16 (C, H, W) chunked one channel per
+chunk (so reading a loading code's channels touches only those), ``stacks/<key>/mask`` uint8
+class indices, per-stack attrs ``{"id", "channel_max"}``, a root ``channel_max`` array (N, C) so
+opening a store does not read N attribute files, ``manifest.csv`` and root attrs ``cellseg``
+with ``complete: true`` written last. The writer builds the store in a temporary folder and
+renames it into place, so a store either looks complete and is, or does not exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import zarr
+import zarr.errors
+from zarr.storage import LocalStore
+
+from cellseg.data.layouts import Layout
+from cellseg.data.schemas import MANIFEST_COLUMNS, MANIFEST_SCHEMA, read_csv, validate
+from cellseg.errors import BadInputError
+from cellseg.fileio import atomic_path
+
+STORE_FORMAT = 1
+MANIFEST_NAME = "manifest.csv"
+
+
+@dataclass(frozen=True)
+class StackRecord:
+    """One stack ready to store: uint16 image (C, H, W) and uint8 class-index mask (H, W)."""
+
+    id: str
+    image: np.ndarray
+    mask: np.ndarray
+    source: str = ""
+
+
+def stack_hash(image: np.ndarray, mask: np.ndarray) -> str:
+    """sha256 of the image bytes then the mask bytes (C order): a stack's content identity."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(image).data)
+    h.update(np.ascontiguousarray(mask).data)
+    return h.hexdigest()
+
+
+def dataset_hash(layout: Layout, classes: Sequence[str], manifest: pd.DataFrame) -> str:
+    """Identity of a dataset version: layout, classes and each stack's id, shape and content.
+
+    Source paths and timestamps are left out, so moving the input folder or re-ingesting the same
+    data gives the same hash.
+    """
+    doc = {
+        "format": STORE_FORMAT,
+        "layout": layout.model_dump(mode="json"),
+        "classes": list(classes),
+        "stacks": [
+            [r.id, int(r.channels), int(r.height), int(r.width), r.content_hash]
+            for r in manifest.itertuples(index=False)
+        ],
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def stack_key(index: int) -> str:
+    return f"{index:05d}"
+
+
+def _check_record(rec: StackRecord, layout: Layout, classes: Sequence[str]) -> None:
+    img, mask = rec.image, rec.mask
+    if img.dtype != np.uint16 or img.ndim != 3:
+        raise BadInputError(f"{rec.id}: image must be uint16 (C, H, W), got {img.dtype} {img.shape}")
+    if img.shape[0] != layout.n_channels:
+        raise BadInputError(
+            f"{rec.id}: {img.shape[0]} channels, layout '{layout.name}' has {layout.n_channels}"
+        )
+    if mask.dtype != np.uint8 or mask.shape != img.shape[1:]:
+        raise BadInputError(f"{rec.id}: mask must be uint8 {img.shape[1:]}, got {mask.dtype} {mask.shape}")
+    if mask.size and int(mask.max()) >= len(classes):
+        raise BadInputError(f"{rec.id}: mask value {int(mask.max())} has no class ({len(classes)} classes)")
+
+
+def write_store(
+    out: str | Path,
+    stacks: Iterable[StackRecord],
+    layout: Layout,
+    classes: Sequence[str],
+    attrs: dict | None = None,
+) -> Path:
+    """Write ``stacks`` (in order) as a complete store at ``out``, atomically; returns ``out``.
+
+    Computes per-channel maxima, foreground fractions and hashes itself. ``attrs`` adds entries to
+    the root ``cellseg`` attributes (e.g. provenance). Any exception from ``stacks`` (a bad input
+    found while reading) leaves ``out`` untouched.
+    """
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        root = zarr.open_group(LocalStore(tmp), mode="w", zarr_format=3)
+        root.attrs["cellseg"] = {"format": STORE_FORMAT, "complete": False}
+        rows, maxima = [], []
+        for index, rec in enumerate(stacks):
+            _check_record(rec, layout, classes)
+            key = stack_key(index)
+            cmax = rec.image.reshape(rec.image.shape[0], -1).max(axis=1).astype(np.float32)
+            group = root.create_group(f"stacks/{key}")
+            group.attrs.update({"id": rec.id, "channel_max": [float(v) for v in cmax]})
+            c, h, w = rec.image.shape
+            image = group.create_array("image", shape=(c, h, w), chunks=(1, h, w), dtype="uint16",
+                                       compressors=None, fill_value=0)
+            image[...] = rec.image
+            mask = group.create_array("mask", shape=(h, w), chunks=(h, w), dtype="uint8",
+                                      compressors=None, fill_value=0)
+            mask[...] = rec.mask
+            fg = float(np.count_nonzero(rec.mask)) / rec.mask.size
+            rows.append({"id": rec.id, "key": key, "source": rec.source, "height": h, "width": w,
+                         "channels": c, "layout": layout.name, "negative": fg == 0.0,
+                         "foreground_fraction": fg, "content_hash": stack_hash(rec.image, rec.mask)})
+            maxima.append(cmax)
+        if not rows:
+            raise BadInputError(f"{out}: no stacks to write")
+        manifest = validate(pd.DataFrame(rows, columns=MANIFEST_COLUMNS), MANIFEST_SCHEMA, out / MANIFEST_NAME)
+        root.create_array("channel_max", data=np.stack(maxima), chunks=(len(rows), layout.n_channels),
+                          compressors=None)
+        manifest.to_csv(tmp / MANIFEST_NAME, index=False)
+        root.attrs["omero"] = {"channels": [{"label": name} for name in layout.channel_names]}
+        meta = {
+            "format": STORE_FORMAT,
+            "layout": layout.model_dump(mode="json"),
+            "classes": list(classes),
+            "content_hash": dataset_hash(layout, classes, manifest),
+            **(attrs or {}),
+        }
+        root.attrs["cellseg"] = {**meta, "complete": True}  # last: only now does the store look complete
+    return out
+
+
+class Store:
+    """Read access to an ingested store; arrays are opened lazily and cached per stack."""
+
+    def __init__(self, path: Path, zstore: LocalStore, meta: dict, manifest: pd.DataFrame, channel_max: np.ndarray):
+        self.path = path
+        self._zstore = zstore
+        self._meta = meta
+        self.manifest = manifest
+        self.layout = Layout.model_validate(meta["layout"])
+        self.classes: list[str] = list(meta["classes"])
+        self.content_hash: str = meta["content_hash"]
+        self.channel_max = channel_max
+        self.ids: list[str] = manifest["id"].tolist()
+        self._keys: list[str] = manifest["key"].tolist()
+        self._index = {sid: i for i, sid in enumerate(self.ids)}
+        self._arrays: dict[tuple[int, str], zarr.Array] = {}
+
+    @property
+    def attrs(self) -> dict:
+        """The root ``cellseg`` attributes (layout, classes, hash, provenance)."""
+        return dict(self._meta)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r}, stacks={len(self)}, layout={self.layout.name!r})"
+
+    def index(self, stack_id: str) -> int:
+        """Position of a stack id; BadInputError naming the id if absent."""
+        try:
+            return self._index[stack_id]
+        except KeyError:
+            raise BadInputError(f"{self.path}: no stack with id '{stack_id}'") from None
+
+    def _array(self, i: int, name: str) -> zarr.Array:
+        if not 0 <= i < len(self):
+            raise IndexError(f"stack index {i} out of range for {len(self)} stacks")
+        cached = self._arrays.get((i, name))
+        if cached is None:
+            cached = zarr.open_array(self._zstore, path=f"stacks/{self._keys[i]}/{name}", mode="r")
+            self._arrays[(i, name)] = cached
+        return cached
+
+    def shape(self, i: int) -> tuple[int, int, int]:
+        row = self.manifest.iloc[int(i)]
+        return int(row["channels"]), int(row["height"]), int(row["width"])
+
+    def read_image(self, i: int, channels: Sequence[int] | None = None) -> np.ndarray:
+        """uint16 (len(channels), H, W) in the order given; reads only those channels' chunks."""
+        arr = self._array(int(i), "image")
+        if channels is None:
+            return arr[...]
+        idx = [int(c) for c in channels]
+        n = arr.shape[0]
+        bad = [c for c in idx if not 0 <= c < n]
+        if bad:
+            raise IndexError(f"channels {bad} out of range for a {n}-channel stack")
+        return arr.get_orthogonal_selection((idx, slice(None), slice(None)))
+
+    def read_mask(self, i: int) -> np.ndarray:
+        return self._array(int(i), "mask")[...]
+
+
+def open_store(path: str | Path) -> Store:
+    """Open an ingested store; BadInputError (one line) if it is missing, incomplete or invalid."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BadInputError(f"{path}: store not found (create it with `cellseg data ingest`)")
+    zstore = LocalStore(path, read_only=True)
+    try:
+        root = zarr.open_group(zstore, mode="r", zarr_format=3)
+        meta = dict(root.attrs.get("cellseg") or {})
+    except (zarr.errors.GroupNotFoundError, FileNotFoundError, ValueError, KeyError) as exc:
+        raise BadInputError(f"{path}: not a cellseg Zarr store ({type(exc).__name__})") from None
+    if not meta:
+        raise BadInputError(f"{path}: not a cellseg store (no 'cellseg' attributes)")
+    if meta.get("complete") is not True:
+        raise BadInputError(f"{path}: store is incomplete (interrupted ingest?); run `cellseg data ingest` again")
+    if meta.get("format") != STORE_FORMAT:
+        raise BadInputError(f"{path}: unsupported store format {meta.get('format')!r} (expected {STORE_FORMAT})")
+    manifest = read_csv(path / MANIFEST_NAME, MANIFEST_SCHEMA)
+    try:
+        channel_max = np.asarray(zarr.open_array(zstore, path="channel_max", mode="r")[...], dtype=np.float32)
+    except (FileNotFoundError, zarr.errors.ArrayNotFoundError) as exc:
+        raise BadInputError(f"{path}: store has no channel_max array ({type(exc).__name__})") from None
+    if channel_max.shape[0] != len(manifest):
+        raise BadInputError(f"{path}: channel_max has {channel_max.shape[0]} rows, manifest has {len(manifest)}")
+    return Store(path, zstore, meta, manifest, channel_max)
