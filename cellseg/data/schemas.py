@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pandera.errors
 import pandera.pandas as pa
@@ -43,6 +44,48 @@ MANIFEST_SCHEMA = pa.DataFrameSchema(
 MANIFEST_COLUMNS = list(MANIFEST_SCHEMA.columns)
 
 
+# --- ROI tables (subimage generation) ---------------------------------------------------------
+# NAME--labels.txt beside each large stack, written by an ImageJ macro: one box per row, X/Y the
+# box centre in pixels. Extra columns (e.g. ImageJ's row numbers) are allowed and ignored.
+
+ROI_SCHEMA = pa.DataFrameSchema(
+    {
+        "Class": pa.Column(str),
+        "X": pa.Column(float),
+        "Y": pa.Column(float),
+        "W": pa.Column(float, pa.Check.gt(0)),
+        "H": pa.Column(float, pa.Check.gt(0)),
+    },
+    coerce=True,
+    name="ROI",
+)
+
+# OUT/rois.csv: one row per subimage written (boxes clamped to the image; x1/y1 exclusive).
+SUBIMAGE_SCHEMA = pa.DataFrameSchema(
+    {
+        "source": pa.Column(str, pa.Check.str_length(min_value=1)),
+        "roi": pa.Column(int, pa.Check.ge(0)),
+        "class": pa.Column(str),
+        "x0": pa.Column(int, pa.Check.ge(0)),
+        "y0": pa.Column(int, pa.Check.ge(0)),
+        "x1": pa.Column(int),
+        "y1": pa.Column(int),
+        "image": pa.Column(str, pa.Check.str_length(min_value=1), unique=True),
+        "preview": pa.Column(str),
+        "mask": pa.Column(str, nullable=True),
+    },
+    checks=[
+        pa.Check(lambda df: df["x1"] > df["x0"], error="x1 must be greater than x0"),
+        pa.Check(lambda df: df["y1"] > df["y0"], error="y1 must be greater than y0"),
+    ],
+    strict=True,
+    ordered=True,
+    coerce=True,
+    name="subimage summary",
+)
+SUBIMAGE_COLUMNS = list(SUBIMAGE_SCHEMA.columns)
+
+
 # --- helpers ----------------------------------------------------------------------------------
 
 
@@ -51,8 +94,21 @@ def validate(df: pd.DataFrame, schema: pa.DataFrameSchema, where: str | Path) ->
     try:
         return schema.validate(df, lazy=False)
     except (pandera.errors.SchemaError, pandera.errors.SchemaErrors) as exc:
+        if isinstance(exc, pandera.errors.SchemaErrors) and exc.schema_errors:
+            exc = exc.schema_errors[0]  # coercion failures come wrapped, as a JSON report
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BadInputError(f"{where}: invalid {schema.name} table ({first})") from None
+        raise BadInputError(f"{where}: invalid {schema.name} table ({first}{_first_failure(exc)})") from None
+
+
+def _first_failure(exc: Exception) -> str:
+    """' e.g. 'abc' in row 3' when the first line of pandera's message does not show the value."""
+    cases = getattr(exc, "failure_cases", None)
+    if "failure cases:" in str(exc) or not isinstance(cases, pd.DataFrame) or cases.empty:
+        return ""
+    case = cases.iloc[0]
+    row = case.get("index")
+    where = f" in row {int(row) + 1}" if isinstance(row, (int, np.integer)) else ""
+    return f" e.g. {case.get('failure_case')!r}{where}"
 
 
 def _text_columns(schema: pa.DataFrameSchema) -> dict[str, type]:

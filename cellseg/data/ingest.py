@@ -1,0 +1,310 @@
+"""Ingest: the on-disk layout users bring (SPEC 2.1) into one Zarr store (CONTRACTS.md).
+
+Two passes over the input. The header pass reads only TIFF and PNG headers, so a missing mask, a
+shape mismatch or a wrong channel count stops the run within seconds; the data pass decodes the
+pixels (truncated data, NaN/inf, unknown mask values) and streams the stacks into the atomic store
+writer. Without ``skip_bad`` the first bad stack stops the run before anything final is written;
+with it the bad stacks are listed with their reason and the rest are ingested.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import track
+
+from cellseg.data.layouts import Layout, indexed_layout, load_layout
+from cellseg.data.readers import (
+    BadFileError,
+    StackHeader,
+    decode_mask,
+    decode_stack,
+    read_codes,
+    read_mask_size,
+    read_stack_header,
+)
+from cellseg.data.store import StackRecord, open_store, write_store
+from cellseg.errors import BadInputError
+
+INGEST_VERSION = 1  # part of the source fingerprint: bump when decoding rules change
+STACK_DIR, MASK_DIR, CODES_FILE = "FullImage", "Mask_Norm", "codes.txt"
+_STACK_SUFFIXES = (".ome.tiff", ".ome.tif", ".tiff", ".tif")
+
+
+@dataclass
+class IngestReport:
+    out: Path
+    stacks: int
+    negatives: int
+    layout: str
+    channels: int
+    content_hash: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file relative to ROOT, reason)
+    unmatched_masks: list[str] = field(default_factory=list)
+    removed_leftovers: list[str] = field(default_factory=list)
+    reused: bool = False  # the existing complete store was built from exactly these sources
+    seconds: float = 0.0
+
+    def lines(self) -> list[str]:
+        """Human-readable summary, one fact per line."""
+        verb = "store up to date (same sources), not rewritten:" if self.reused else "ingested"
+        out = [
+            f"{verb} {self.stacks} stacks ({self.negatives} negative) in {self.out} "
+            f"[layout {self.layout}, {self.channels} channels] in {self.seconds:.1f} s",
+            f"content hash {self.content_hash}",
+        ]
+        out += [f"skipped {name}: {reason}" for name, reason in self.skipped]
+        out += [f"ignored mask without a stack: {name}" for name in self.unmatched_masks]
+        out += [f"removed leftover of an interrupted ingest: {name}" for name in self.removed_leftovers]
+        return out
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    id: str
+    stack: str  # ROOT-relative, '/'-separated: what messages and the manifest show
+    mask: str | None
+
+
+def ingest(
+    root: str | Path,
+    out: str | Path,
+    layout: str | Path | None = None,
+    skip_bad: bool = False,
+    progress: bool | None = None,
+) -> IngestReport:
+    """Ingest ROOT (FullImage/, Mask_Norm/, codes.txt) into the Zarr store ``out``.
+
+    ``layout``: a layout name or YAML path; None accepts any channel count (channels named by
+    index) as long as the stacks agree. ``progress``: show a progress bar (default: on a TTY).
+    """
+    start = time.perf_counter()
+    root, out = Path(root), Path(out)
+    if not root.is_dir():
+        raise BadInputError(f"{root}: input folder not found")
+    chosen = load_layout(layout) if layout is not None else None
+    classes = read_codes(root / CODES_FILE)
+    cands, unmatched, duplicates = _discover(root)
+    _check_target(out)
+    removed = _remove_leftovers(out)
+
+    run = _Run(root, skip_bad)
+    for name, reason in duplicates:
+        run.bad(BadFileError(name, reason))
+    good, final_layout = run.headers(cands, chosen)
+    fingerprint = _fingerprint(root, cands, chosen, classes)
+
+    reused = _reusable(out, fingerprint, skip_bad)
+    if not reused:
+        attrs = {"source_root": str(root.resolve()), "source_fingerprint": fingerprint,
+                 "skipped": run.skipped}  # the data pass appends to run.skipped before attrs are written
+        records = run.records(good, len(classes))
+        show = sys.stderr.isatty() if progress is None else progress
+        records = track(records, description="ingest", total=len(good), console=Console(stderr=True),
+                        transient=True, disable=not show)
+        write_store(out, records, final_layout, classes, attrs=attrs)
+    store = open_store(out)
+    return IngestReport(
+        out=out,
+        stacks=len(store),
+        negatives=int(store.manifest["negative"].sum()),
+        layout=store.layout.name,
+        channels=store.layout.n_channels,
+        content_hash=store.content_hash,
+        skipped=[tuple(s) for s in store.attrs.get("skipped", [])] if reused else run.skipped,
+        unmatched_masks=unmatched,
+        removed_leftovers=removed,
+        reused=reused,
+        seconds=time.perf_counter() - start,
+    )
+
+
+# --- finding the inputs -----------------------------------------------------------------------
+
+
+def _stack_id(rel: Path) -> str | None:
+    name = rel.name
+    for suffix in _STACK_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return rel.with_name(name[: -len(suffix)]).as_posix()
+    return None
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    """Files below ``folder`` (relative paths), except hidden ones such as macOS '._x.tif' forks."""
+    return sorted(
+        path.relative_to(folder)
+        for path in folder.rglob("*")
+        if path.is_file() and not any(p.startswith(".") for p in path.relative_to(folder).parts)
+    )
+
+
+def _discover(root: Path) -> tuple[list[_Candidate], list[str], list[tuple[str, str]]]:
+    """Stacks paired with masks by relative path and stem; masks without a stack; duplicate ids."""
+    stacks_dir, masks_dir = root / STACK_DIR, root / MASK_DIR
+    if not stacks_dir.is_dir():
+        raise BadInputError(f"{root}: no {STACK_DIR}/ folder (expected {STACK_DIR}/**/NAME.ome.tif)")
+    if not masks_dir.is_dir():
+        raise BadInputError(f"{root}: no {MASK_DIR}/ folder (expected {MASK_DIR}/**/NAME.png)")
+    masks = {
+        rel.with_suffix("").as_posix(): f"{MASK_DIR}/{rel.as_posix()}"
+        for rel in _visible_files(masks_dir)
+        if rel.suffix.lower() == ".png"
+    }
+    found: dict[str, _Candidate] = {}
+    duplicates = []
+    for rel in _visible_files(stacks_dir):
+        sid = _stack_id(rel)
+        if sid is None:
+            continue
+        source = f"{STACK_DIR}/{rel.as_posix()}"
+        if sid in found:
+            duplicates.append((source, f"same stack id '{sid}' as {found[sid].stack}"))
+        else:
+            found[sid] = _Candidate(sid, source, masks.get(sid))
+    if not found:
+        raise BadInputError(f"{stacks_dir}: no .tif/.ome.tif stacks found")
+    unmatched = sorted(m for k, m in masks.items() if k not in found)
+    return sorted(found.values(), key=lambda c: c.id), unmatched, duplicates
+
+
+# --- the two passes ---------------------------------------------------------------------------
+
+
+class _Run:
+    """One ingest's passes over the candidates, and the stacks found bad so far."""
+
+    def __init__(self, root: Path, skip_bad: bool):
+        self.root = root
+        self.skip_bad = skip_bad
+        self.skipped: list[tuple[str, str]] = []
+
+    def bad(self, exc: BadFileError) -> None:
+        """Skip the file (``skip_bad``) or stop, naming it relative to ROOT."""
+        name = exc.path.relative_to(self.root).as_posix() if exc.path.is_relative_to(self.root) else str(exc.path)
+        if not self.skip_bad:
+            raise BadFileError(name, exc.reason) from None
+        self.skipped.append((name, exc.reason))
+
+    def _header(self, cand: _Candidate, expected: int | None) -> StackHeader:
+        """Everything checkable without decoding pixels."""
+        stack = self.root / cand.stack
+        if cand.mask is None:
+            raise BadFileError(stack, f"no mask (expected {MASK_DIR}/{cand.id}.png)")
+        header = read_stack_header(stack, expected)
+        mask_hw = read_mask_size(self.root / cand.mask)
+        if mask_hw != (header.height, header.width):
+            raise BadFileError(
+                self.root / cand.mask,
+                f"mask is {mask_hw[0]}x{mask_hw[1]} (HxW) but its stack is {header.height}x{header.width}",
+            )
+        if expected is not None and header.channels != expected:
+            fewer = "fewer" if header.channels < expected else "more"
+            raise BadFileError(stack, f"{header.channels} channels, {fewer} than the layout's {expected}")
+        return header
+
+    def headers(self, cands: list[_Candidate], layout: Layout | None) -> tuple[list, Layout]:
+        """Good (candidate, header) pairs and the layout; without one, the common channel count wins."""
+        good = []
+        for cand in cands:
+            try:
+                good.append((cand, self._header(cand, layout.n_channels if layout else None)))
+            except BadFileError as exc:
+                self.bad(exc)
+        if layout is None and good:
+            n = Counter(h.channels for _, h in good).most_common(1)[0][0]
+            for cand, h in good:
+                if h.channels != n:
+                    self.bad(BadFileError(self.root / cand.stack,
+                                          f"{h.channels} channels, most stacks have {n} (no --layout given)"))
+            good, layout = [(c, h) for c, h in good if h.channels == n], indexed_layout(n)
+        if not good:
+            raise BadInputError(f"{self.root}: no good stacks to ingest ({len(self.skipped)} skipped)")
+        return good, layout
+
+    def records(self, good: list, n_classes: int) -> Iterator[StackRecord]:
+        """Decoded stacks, in id order; bad ones are skipped or stop the run."""
+        written = 0
+        for cand, header in good:
+            stack, mask = self.root / cand.stack, self.root / cand.mask
+            try:
+                image = decode_stack(stack, stack.read_bytes(), header)
+                labels = decode_mask(mask, mask.read_bytes(), n_classes)
+            except BadFileError as exc:
+                self.bad(exc)
+                continue
+            written += 1
+            yield StackRecord(cand.id, image, labels, source=cand.stack)
+        if not written:
+            raise BadInputError(f"{self.root}: no good stacks to ingest ({len(self.skipped)} skipped)")
+
+
+# --- target, leftovers, idempotency -----------------------------------------------------------
+
+
+def _store_attrs(path: Path) -> dict | None:
+    """The root ``cellseg`` attributes of a store folder (complete or not), or None."""
+    try:
+        doc = json.loads((path / "zarr.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    attrs = doc.get("attributes", {}).get("cellseg") if isinstance(doc, dict) else None
+    return attrs if isinstance(attrs, dict) else None
+
+
+def _check_target(out: Path) -> None:
+    """Refuse to replace anything but a cellseg store (or an empty folder)."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise BadInputError(f"{out}: exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and _store_attrs(out) is None:
+        raise BadInputError(f"{out}: exists and is not a cellseg store; remove it or choose another --out")
+
+
+def _remove_leftovers(out: Path) -> list[str]:
+    """Temporary folders left beside ``out`` by a killed ingest (never complete: safe to delete)."""
+    removed = []
+    for pattern in (f".{out.name}.*.tmp", f".{out.name}.old-*"):
+        for path in sorted(out.parent.glob(pattern)):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path.name)
+    return removed
+
+
+def _fingerprint(root: Path, cands: list[_Candidate], layout: Layout | None, classes: list[str]) -> str:
+    """sha256 over every input file's bytes, the layout and the ingest version."""
+    h = hashlib.sha256(json.dumps({
+        "ingest": INGEST_VERSION,
+        "layout": layout.model_dump(mode="json") if layout else None,
+        "classes": classes,
+    }, sort_keys=True).encode())
+    for cand in cands:
+        for rel in (cand.stack, cand.mask):
+            if rel is not None:
+                h.update(f"{rel}\0{_file_sha256(root / rel)}\0".encode())
+    return h.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _reusable(out: Path, fingerprint: str, skip_bad: bool) -> bool:
+    """The store at ``out`` is complete and was built from these exact sources with compatible options."""
+    attrs = _store_attrs(out)
+    if not attrs or attrs.get("complete") is not True or attrs.get("source_fingerprint") != fingerprint:
+        return False
+    return skip_bad or not attrs.get("skipped")

@@ -1,0 +1,198 @@
+"""Reading the files users bring (SPEC 2.1): stack TIFFs in every arrangement, PNG masks, codes.txt.
+
+Each reader raises ``BadFileError`` (a ``BadInputError``): the file and a one-line reason; the
+ingest decides whether that stops the run or skips the stack. Third-party decoders raise many
+exception types on damaged files, so their failures are caught broadly at this boundary only.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+from cellseg.errors import BadInputError
+
+_UINT16_MAX = np.iinfo(np.uint16).max
+
+
+class BadFileError(BadInputError):
+    """One input file is unusable; ``path`` and ``reason`` are kept apart for skip lists."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = Path(path)
+        self.reason = reason
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+# --- codes.txt ----------------------------------------------------------------------------------
+
+
+def read_codes(path: Path) -> list[str]:
+    """Class names, one per line (index = class value in the masks)."""
+    if not path.is_file():
+        raise BadFileError(path, "codes.txt not found (one class name per line, e.g. Background, Cell)")
+    try:
+        names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadFileError(path, f"cannot read codes.txt ({_reason(exc)})") from None
+    if len(names) < 2:
+        raise BadFileError(path, f"codes.txt needs at least 2 class names, found {len(names)}")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise BadFileError(path, f"duplicate class names {dupes} in codes.txt")
+    return names
+
+
+# --- stack TIFFs ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StackHeader:
+    """What a TIFF's header says about its image, before reading any pixel data."""
+
+    channels: int
+    height: int
+    width: int
+    dtype: np.dtype
+    squeezed: tuple[int, ...]  # series shape without its singleton axes (Y and X always kept)
+    order: tuple[int, ...]  # transpose of the squeezed array to (page axes..., samples, Y, X)
+    hwc_pages: bool  # pages of shape (W, C): an (H, W, C) array written page-wise by tifffile
+
+
+def _looks_hwc(n: int, y: int, x: int, expected: int | None) -> bool:
+    """Whether pages (N, Y, X) are really an (H, W, C) array (tifffile writes C > 4 that way)."""
+    if expected is not None and expected in (n, x):
+        return x == expected and n != expected
+    return x <= 32 and 2 * x <= min(n, y)
+
+
+def stack_header(tif: tifffile.TiffFile, expected_channels: int | None = None) -> StackHeader:
+    """Channel/height/width of the main series, for every SPEC 2.1 arrangement.
+
+    Multi-page (one page per channel, incl. ImageJ/OME hyperstacks: all non-YX axes flattened in
+    page order), a single page with C samples (C, H, W) or (H, W, C), and single-page images.
+    """
+    if not tif.series:
+        raise ValueError("no image data")
+    series = tif.series[0]
+    kept = [(i, ax, n) for i, (ax, n) in enumerate(zip(series.axes, series.shape)) if n > 1 or ax in "YX"]
+    axes = "".join(ax for _, ax, _ in kept)
+    if "Y" not in axes or "X" not in axes:
+        raise ValueError(f"unsupported image axes '{series.axes}' {series.shape}")
+    spatial = [i for i, ax, _ in kept if ax in "YX"]
+    samples = [i for i, ax, _ in kept if ax == "S"]
+    others = [i for i, ax, _ in kept if ax not in "YXS"]
+    shape = {i: n for i, _, n in kept}
+    h, w = shape[spatial[0]], shape[spatial[1]]
+    channels = int(np.prod([shape[i] for i in others + samples], dtype=np.int64))
+    hwc = len(others) == 1 and not samples and _looks_hwc(channels, h, w, expected_channels)
+    if hwc:
+        channels, h, w = w, channels, h
+    position = {i: k for k, (i, _, _) in enumerate(kept)}
+    order = tuple(position[i] for i in others + samples + spatial)
+    squeezed = tuple(n for _, _, n in kept)
+    return StackHeader(channels, h, w, np.dtype(series.dtype), squeezed, order, hwc)
+
+
+def arrange(data: np.ndarray, header: StackHeader) -> np.ndarray:
+    """The series array (any singleton axes) as (C, H, W) in page order."""
+    arr = np.transpose(data.reshape(header.squeezed), header.order)
+    if header.hwc_pages:
+        arr = np.moveaxis(arr, 2, 0)
+    return arr.reshape(header.channels, header.height, header.width)
+
+
+def to_uint16(arr: np.ndarray) -> np.ndarray:
+    """Convert pixel data to uint16 without losing what normalisation by the channel maximum keeps.
+
+    Integer data in 0..65535 is cast; float data must be finite and non-negative, and is cast
+    when it already holds integers in range, otherwise each channel is scaled to a maximum of
+    65535 (training divides by the per-channel maximum, so only quantisation changes).
+    Raises ValueError with the reason.
+    """
+    if arr.dtype == np.uint16:
+        return arr
+    if arr.dtype == bool:
+        return arr.astype(np.uint16)
+    if np.issubdtype(arr.dtype, np.floating):
+        finite = np.isfinite(arr)
+        if not finite.all():
+            nan = int(np.isnan(arr).sum())
+            raise ValueError(f"{nan} NaN and {int((~finite).sum()) - nan} infinite pixels")
+    elif not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"unsupported pixel type {arr.dtype}")
+    if arr.size and arr.min() < 0:
+        raise ValueError(f"negative pixel values (min {arr.min()})")
+    integral = np.issubdtype(arr.dtype, np.integer) or bool(np.all(arr == np.round(arr)))
+    if integral and (arr.size == 0 or arr.max() <= _UINT16_MAX):
+        return arr.astype(np.uint16)
+    peak = arr.reshape(arr.shape[0], -1).max(axis=1).astype(np.float64)
+    scale = np.divide(_UINT16_MAX, peak, out=np.zeros_like(peak), where=peak > 0)
+    return np.round(arr * scale[:, None, None]).astype(np.uint16)
+
+
+def read_stack_header(path: Path, expected_channels: int | None = None) -> StackHeader:
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return stack_header(tif, expected_channels)
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file
+        raise BadFileError(path, f"not a readable TIFF ({_reason(exc)})") from None
+
+
+def decode_stack(path: Path, data: bytes, header: StackHeader) -> np.ndarray:
+    """Pixel data of a stack file already read into ``data``, as uint16 (C, H, W)."""
+    try:
+        with tifffile.TiffFile(io.BytesIO(data), name=path.name) as tif:
+            raw = tif.series[0].asarray()
+    except Exception as exc:  # noqa: BLE001 - truncated/corrupt pixel data
+        raise BadFileError(path, f"truncated or corrupt TIFF ({_reason(exc)})") from None
+    try:
+        return to_uint16(arrange(raw, header))
+    except ValueError as exc:
+        raise BadFileError(path, str(exc)) from None
+
+
+# --- masks ----------------------------------------------------------------------------------------
+
+
+def read_mask_size(path: Path) -> tuple[int, int]:
+    """(H, W) from the image header."""
+    try:
+        with Image.open(path) as im:
+            return im.height, im.width
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file
+        raise BadFileError(path, f"not a readable mask image ({_reason(exc)})") from None
+
+
+def decode_mask(path: Path, data: bytes, n_classes: int) -> np.ndarray:
+    """Class indices (uint8 H×W) from a mask whose values are indices, or 0/255 for two classes."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            arr = np.asarray(im)
+    except Exception as exc:  # noqa: BLE001 - truncated/corrupt image
+        raise BadFileError(path, f"truncated or corrupt mask ({_reason(exc)})") from None
+    if arr.ndim == 3:
+        colour = arr[..., :3] if arr.shape[2] >= 3 else arr[..., :1]
+        if not (colour == colour[..., :1]).all():
+            raise BadFileError(path, "colour mask (channels differ); expected one class index per pixel")
+        arr = colour[..., 0]
+    values = np.unique(arr)
+    if values.size and values.min() >= 0 and values.max() < n_classes:
+        return arr.astype(np.uint8)
+    full = np.iinfo(arr.dtype).max if np.issubdtype(arr.dtype, np.integer) else None
+    if n_classes == 2 and full is not None and set(values.tolist()) <= {0, 255, full}:
+        return (arr > 0).astype(np.uint8)
+    extra = [v for v in values.tolist() if not 0 <= v < n_classes]
+    shown = ", ".join(str(v) for v in extra[:5]) + (", …" if len(extra) > 5 else "")
+    raise BadFileError(path, f"mask values {shown} not covered by codes.txt ({n_classes} classes: 0..{n_classes - 1})")
