@@ -26,6 +26,45 @@ def synth(
     typer.echo(summary.line())
 
 
+@data_app.command("ingest")
+def ingest_cmd(
+    root: Annotated[Path, typer.Argument(help="Input folder with FullImage/ (TIFF stacks, sub-folders allowed), Mask_Norm/ (PNG masks), codes.txt.")],
+    out: Annotated[Path, typer.Option("--out", help="Zarr store to write (replaced atomically).")],
+    layout: Annotated[
+        str | None, typer.Option(help="Layout name or layout YAML; without it channels are named by index.")
+    ] = None,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Ingest the good stacks and list the bad ones.")] = False,
+) -> None:
+    """Ingest a SPEC 2.1 folder into a Zarr store (idempotent; never leaves a half-written store)."""
+    from cellseg.data.ingest import ingest
+
+    report = ingest(root, out, layout=layout, skip_bad=skip_bad)
+    for line in report.lines():
+        typer.echo(line)
+
+
+@data_app.command("info")
+def info_cmd(
+    store: Annotated[Path, typer.Argument(help="An ingested Zarr store.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Summarise a store: stacks, negatives, layout and channels, content hash."""
+    import json
+
+    from cellseg.data.store import open_store
+
+    summary = open_store(store).summary()
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    for key, value in summary.items():
+        if key in ("height", "width"):
+            value = f"{value[0]}..{value[1]}"
+        elif isinstance(value, list):
+            value = ", ".join(value)
+        typer.echo(f"{key:13s} {value}")
+
+
 def register(app: typer.Typer) -> None:
     """Attach the ``data`` sub-app to the root app."""
     app.add_typer(data_app, name="data")

@@ -167,6 +167,21 @@ class Store:
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r}, stacks={len(self)}, layout={self.layout.name!r})"
 
+    def summary(self) -> dict:
+        """What ``cellseg data info`` shows: size, negatives, layout, channels, version."""
+        m = self.manifest
+        return {
+            "path": str(self.path),
+            "stacks": len(self),
+            "negatives": int(m["negative"].sum()),
+            "layout": self.layout.name,
+            "channels": self.layout.channel_names,
+            "classes": self.classes,
+            "height": [int(m["height"].min()), int(m["height"].max())],
+            "width": [int(m["width"].min()), int(m["width"].max())],
+            "content_hash": self.content_hash,
+        }
+
     def index(self, stack_id: str) -> int:
         """Position of a stack id; BadInputError naming the id if absent."""
         try:
