@@ -65,6 +65,43 @@ def info_cmd(
         typer.echo(f"{key:13s} {value}")
 
 
+@data_app.command("subimages")
+def subimages_cmd(
+    src: Annotated[Path, typer.Argument(help="Folder of large stacks (NAME.ome.tif/.tif), each with NAME--labels.txt beside it.")],
+    out: Annotated[Path, typer.Argument(help="Output folder: Segmented_Image/, Segmented_JPEGs/, Segmented_Masks/, rois.csv.")],
+    preview_channels: Annotated[
+        str, typer.Option("--preview-channels", help="Three source channels for the RGB preview, e.g. 0,3,6.")
+    ],
+    ground_truth_suffix: Annotated[
+        str | None,
+        typer.Option("--ground-truth-suffix", help="Also crop the ground-truth mask beside each stack, named NAME + this suffix (e.g. _seg.png)."),
+    ] = None,
+    black_masks: Annotated[
+        bool, typer.Option("--black-masks", help="Write an all-black mask per subimage (cell-free controls).")
+    ] = False,
+    move_to_front: Annotated[
+        bool, typer.Option("--move-to-front", help="Put the preview channels first in the written stacks.")
+    ] = False,
+) -> None:
+    """Crop every ROI box of every stack into subimages, previews and masks (SPEC 2.4)."""
+    from cellseg.data.subimages import generate_subimages, parse_channels
+    from cellseg.errors import BadInputError
+
+    report = generate_subimages(
+        src,
+        out,
+        parse_channels(preview_channels),
+        gt_suffix=ground_truth_suffix,
+        black_masks=black_masks,
+        move_to_front=move_to_front,
+    )
+    for exc in report.bad:
+        typer.echo(f"skipped {exc}", err=True)
+    typer.echo(report.line())
+    if report.bad:
+        raise BadInputError(f"{len(report.bad)} of {report.sources} source file(s) skipped (listed above)")
+
+
 def register(app: typer.Typer) -> None:
     """Attach the ``data`` sub-app to the root app."""
     app.add_typer(data_app, name="data")

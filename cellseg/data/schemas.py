@@ -96,7 +96,7 @@ def validate(df: pd.DataFrame, schema: pa.DataFrameSchema, where: str | Path) ->
     except (pandera.errors.SchemaError, pandera.errors.SchemaErrors) as exc:
         if isinstance(exc, pandera.errors.SchemaErrors) and exc.schema_errors:
             exc = exc.schema_errors[0]  # coercion failures come wrapped, as a JSON report
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = str(exc).strip().splitlines()[0].rstrip(":") if str(exc).strip() else type(exc).__name__
         raise BadInputError(f"{where}: invalid {schema.name} table ({first}{_first_failure(exc)})") from None
 
 
