@@ -53,9 +53,9 @@ def _root(
 
 
 def _register_all() -> None:
-    from cellseg.cli import codes, data, experiments, model, models, predict, train
+    from cellseg.cli import codes, data, experiments, model, models, predict, study, train
 
-    for module in (data, codes, model, train, experiments, models, predict):
+    for module in (data, codes, model, train, experiments, study, models, predict):
         module.register(app)
 
 
