@@ -76,7 +76,7 @@ def builtin_layouts() -> list[str]:
 def load_layout(name_or_path: str | Path) -> Layout:
     """A built-in layout by name (``trainer``, ``test``, ``external``) or a layout YAML file."""
     candidate = Path(name_or_path)
-    if candidate.suffix in {".yaml", ".yml"} or candidate.exists():
+    if candidate.suffix in {".yaml", ".yml"} or candidate.is_file():
         path = candidate
     else:
         path = config_file("layouts", f"{name_or_path}.yaml")
