@@ -92,8 +92,8 @@ def ingest(
     if not root.is_dir():
         raise BadInputError(f"{root}: input folder not found")
     chosen = load_layout(layout) if layout is not None else None
-    classes = read_codes(root / CODES_FILE)
     cands, unmatched, duplicates = _discover(root)
+    classes = read_codes(root / CODES_FILE)
     _check_target(out)
     removed = _remove_leftovers(out)
 
@@ -120,7 +120,7 @@ def ingest(
         layout=store.layout.name,
         channels=store.layout.n_channels,
         content_hash=store.content_hash,
-        skipped=[tuple(s) for s in store.attrs.get("skipped", [])] if reused else run.skipped,
+        skipped=sorted(tuple(s) for s in (store.attrs.get("skipped", []) if reused else run.skipped)),
         unmatched_masks=unmatched,
         removed_leftovers=removed,
         reused=reused,

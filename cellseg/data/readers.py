@@ -7,7 +7,10 @@ exception types on damaged files, so their failures are caught broadly at this b
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +43,7 @@ def _reason(exc: Exception) -> str:
 def read_codes(path: Path) -> list[str]:
     """Class names, one per line (index = class value in the masks)."""
     if not path.is_file():
-        raise BadFileError(path, "codes.txt not found (one class name per line, e.g. Background, Cell)")
+        raise BadFileError(path, "file not found (codes.txt: one class name per line, e.g. Background, Cell)")
     try:
         names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as exc:
@@ -141,19 +144,48 @@ def to_uint16(arr: np.ndarray) -> np.ndarray:
     return np.round(arr * scale[:, None, None]).astype(np.uint16)
 
 
+class _LoggedErrors(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.errors: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR:
+            self.errors.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _tifffile_errors() -> Iterator[list[str]]:
+    """Collect what tifffile logs instead of raising (e.g. page offsets past a truncated end)."""
+    logger = logging.getLogger("tifffile")
+    handler, propagate = _LoggedErrors(), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield handler.errors
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
 def read_stack_header(path: Path, expected_channels: int | None = None) -> StackHeader:
     try:
-        with tifffile.TiffFile(path) as tif:
-            return stack_header(tif, expected_channels)
+        with _tifffile_errors() as errors, tifffile.TiffFile(path) as tif:
+            header = stack_header(tif, expected_channels)
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file
         raise BadFileError(path, f"not a readable TIFF ({_reason(exc)})") from None
+    if errors:
+        raise BadFileError(path, f"truncated or corrupt TIFF ({errors[0].strip().splitlines()[0]})")
+    return header
 
 
 def decode_stack(path: Path, data: bytes, header: StackHeader) -> np.ndarray:
     """Pixel data of a stack file already read into ``data``, as uint16 (C, H, W)."""
     try:
-        with tifffile.TiffFile(io.BytesIO(data), name=path.name) as tif:
+        with _tifffile_errors() as errors, tifffile.TiffFile(io.BytesIO(data), name=path.name) as tif:
             raw = tif.series[0].asarray()
+        if errors:
+            raise ValueError(errors[0].strip().splitlines()[0])
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt pixel data
         raise BadFileError(path, f"truncated or corrupt TIFF ({_reason(exc)})") from None
     try:

@@ -107,8 +107,7 @@ def write_store(
             _check_record(rec, layout, classes)
             key = stack_key(index)
             cmax = rec.image.reshape(rec.image.shape[0], -1).max(axis=1).astype(np.float32)
-            group = root.create_group(f"stacks/{key}")
-            group.attrs.update({"id": rec.id, "channel_max": [float(v) for v in cmax]})
+            group = root.create_group(f"stacks/{key}", attributes={"id": rec.id, "channel_max": cmax.tolist()})
             c, h, w = rec.image.shape
             image = group.create_array("image", shape=(c, h, w), chunks=(1, h, w), dtype="uint16",
                                        compressors=None, fill_value=0)
