@@ -5,6 +5,7 @@ The input trees are written here with tifffile/PIL, independent of the synthetic
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -359,7 +360,9 @@ class _Crash(RuntimeError):
     pass
 
 
+@contextlib.contextmanager
 def _crash_on_third(monkeypatch, exc=_Crash):
+    """Decoding the third stack raises ``exc`` (a crash or Ctrl-C half-way through writing)."""
     calls = {"n": 0}
     real = ingest_module.decode_stack
 
@@ -369,28 +372,28 @@ def _crash_on_third(monkeypatch, exc=_Crash):
             raise exc("disk on fire")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ingest_module, "decode_stack", flaky)
+    with monkeypatch.context() as patch:  # not monkeypatch.undo(): that would also undo the autouse chdir
+        patch.setattr(ingest_module, "decode_stack", flaky)
+        yield
 
 
 @pytest.mark.parametrize("exc", [_Crash, KeyboardInterrupt])
 def test_interrupted_ingest_leaves_no_store_and_rerun_succeeds(tmp_path, monkeypatch, exc):
     root = make_root(tmp_path / "in", n=4)
-    _crash_on_third(monkeypatch, exc)
-    with pytest.raises(exc):
+    with _crash_on_third(monkeypatch, exc), pytest.raises(exc):
         ingest(root, "s.zarr", layout="trainer")
     assert not Path("s.zarr").exists() and not list(Path(".").glob(".s.zarr*"))
     with pytest.raises(BadInputError, match="store not found"):
         open_store("s.zarr")
-    monkeypatch.undo()
     assert ingest(root, "s.zarr", layout="trainer").stacks == 4
+    assert Path.cwd() == tmp_path
 
 
 def test_interrupted_reingest_keeps_the_previous_store(tmp_path, monkeypatch):
     root = make_root(tmp_path / "in", n=4)
     before = ingest(root, "s.zarr", layout="trainer").content_hash
     write_stack(root, "s0", _image(16, seed=99))  # changed: a real rewrite is attempted
-    _crash_on_third(monkeypatch)
-    with pytest.raises(_Crash):
+    with _crash_on_third(monkeypatch), pytest.raises(_Crash):
         ingest(root, "s.zarr", layout="trainer")
     assert open_store("s.zarr").content_hash == before
 
