@@ -1,0 +1,169 @@
+"""Whole training batches, built on the training device.
+
+Reading the pages a sample needs costs milliseconds per sample and zarr-python adds a fixed
+cost per chunk read, so per-sample loading, not the model, would set the pace. A store the size
+of the paper's fits in memory: the resident source loads the needed channels of the selected
+stacks once (resized to ``size``, kept as uint16) into RAM or onto the training device, and each
+batch is an index gather, a division by the stored maxima and the loading codes as tensor ops.
+A store that does not fit is streamed from Zarr by a DataLoader over the per-sample dataset.
+Both paths use dataset.py's resize and per-sample draws, so they yield identical batches.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from cellseg.data.codes import CodePlan, normalise
+from cellseg.data.dataset import StackDataset, check_plan, epoch_order, resize_image, resize_mask, sample_generator
+from cellseg.data.store import Store, open_store
+from cellseg.errors import ConfigError
+
+Residency = Literal["auto", "ram", "device", "stream"]
+GPU_SHARE = 0.25  # resident on the GPU only if the data takes at most this share of its free memory
+RAM_SHARE = 0.5  # resident in RAM only if the data takes at most this share of available memory
+
+
+def resident_bytes(n_stacks: int, n_channels: int, size: int) -> int:
+    """Memory a resident source needs: uint16 channels plus a uint8 mask per stack."""
+    return n_stacks * size * size * (2 * n_channels + 1)
+
+
+def available_ram() -> int:
+    """Bytes of memory available to a new allocation (MemAvailable on Linux)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def choose_residency(needed: int, device: torch.device) -> str:
+    """'device' if it fits comfortably on the GPU, else 'ram' if it fits in memory, else 'stream'."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if needed <= GPU_SHARE * free:
+            return "device"
+    return "ram" if needed <= RAM_SHARE * available_ram() else "stream"
+
+
+def _to(tensor: torch.Tensor, storage: torch.device, pin: bool) -> torch.Tensor:
+    """Onto the storage device; pinned when it stays in RAM for a GPU (faster, async copies)."""
+    return tensor.pin_memory() if pin else tensor.to(storage)
+
+
+class _Batches:
+    """What both sources share: the epoch order and the batching of it."""
+
+    def __init__(self, indices: Sequence[int], plan: CodePlan, batch_size: int, device: torch.device,
+                 seed: int, shuffle: bool, drop_last: bool):
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+        self.indices = [int(i) for i in indices]
+        self.plan, self.batch_size, self.device = plan, batch_size, device
+        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+
+    def __len__(self) -> int:
+        n, b = len(self.indices), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        return epoch_order(len(self.indices), self.seed, epoch, self.shuffle)
+
+
+class ResidentBatches(_Batches):
+    """Needed channels of all selected stacks held as uint16 on ``storage`` (CPU RAM or the GPU)."""
+
+    def __init__(self, store: Store, indices, plan, size, batch_size, device, storage: torch.device,
+                 seed, shuffle, drop_last):
+        super().__init__(indices, plan, batch_size, device, seed, shuffle, drop_last)
+        channels = plan.needed_channels
+        images = np.empty((len(self.indices), len(channels), size, size), dtype=np.uint16)
+        masks = np.empty((len(self.indices), size, size), dtype=np.uint8)
+        for n, index in enumerate(self.indices):
+            images[n] = resize_image(store.read_image(index, channels), size)
+            masks[n] = resize_mask(store.read_mask(index), size)
+        pin = storage.type == "cpu" and device.type == "cuda"
+        self.images = _to(torch.from_numpy(images), storage, pin)
+        self.masks = _to(torch.from_numpy(masks), storage, pin)
+        self.maxima = torch.from_numpy(np.ascontiguousarray(store.channel_max[self.indices][:, channels]))
+        self.residency = "device" if storage.type != "cpu" else "ram"
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self._order(epoch)
+        for start in range(0, len(order), self.batch_size):
+            positions = order[start:start + self.batch_size]
+            if self.drop_last and len(positions) < self.batch_size:
+                return
+            at = positions.to(self.images.device)
+            raw = self.images[at].to(self.device, non_blocking=True)
+            x = normalise(raw, self.maxima[positions])
+            u = [self.plan.uniforms(1, sample_generator(self.seed, self.indices[p], epoch)) for p in positions.tolist()]
+            x = self.plan.combine(x, *self.plan.choices(np.concatenate(u)))
+            y = self.masks[at].to(self.device, non_blocking=True).long()
+            yield x, y
+
+
+class StreamingBatches(_Batches):
+    """Batches read from Zarr per sample by DataLoader workers (for stores that do not fit)."""
+
+    residency = "stream"
+
+    def __init__(self, store: Store, indices, plan, size, batch_size, device, seed, shuffle, drop_last,
+                 num_workers: int):
+        super().__init__(indices, plan, batch_size, device, seed, shuffle, drop_last)
+        self.dataset = StackDataset(store.path, plan, self.indices, size, seed)
+        self.num_workers = num_workers
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.dataset.set_epoch(epoch)  # workers are started per epoch and receive this copy
+        loader = DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=self._order(epoch).tolist(),
+            drop_last=self.drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def make_batch_source(
+    store: Store | str | Path,
+    indices: Sequence[int],
+    plan: CodePlan,
+    size: int,
+    batch_size: int,
+    device: str | torch.device,
+    residency: Residency = "auto",
+    seed: int = 0,
+    shuffle: bool = True,
+    drop_last: bool = False,
+    num_workers: int = 0,
+) -> ResidentBatches | StreamingBatches:
+    """Batches of (x float32 (B, in_channels, size, size), y int64 (B, size, size)) on ``device``.
+
+    ``residency``: "ram" or "device" hold the needed data resident, "stream" reads per sample,
+    "auto" picks the first of device (CUDA only), ram, stream that fits comfortably.
+    ``source.epoch(e)`` iterates one epoch; order and random codes are seeded from (seed, e).
+    """
+    store = store if isinstance(store, Store) else open_store(store)
+    check_plan(plan, store)
+    device = torch.device(device)
+    if residency not in ("auto", "ram", "device", "stream"):
+        raise ConfigError(f"residency must be auto, ram, device or stream, got '{residency}'")
+    if residency == "auto":
+        residency = choose_residency(resident_bytes(len(indices), len(plan.needed_channels), size), device)
+    if residency == "stream":
+        return StreamingBatches(store, indices, plan, size, batch_size, device, seed, shuffle, drop_last, num_workers)
+    storage = device if residency == "device" else torch.device("cpu")
+    return ResidentBatches(store, indices, plan, size, batch_size, device, storage, seed, shuffle, drop_last)

@@ -1,0 +1,153 @@
+"""The per-sample view of a store: one stack in, (float32 C×H×W input, int64 H×W mask) out.
+
+Used by notebooks, tests, ``cellseg codes render`` and the streaming batch path. Draws the
+loading codes with a generator seeded from (seed, stack index, epoch), so a sample's draw does
+not depend on which worker, batch or subset it is loaded in; then reads only the channels that
+draw uses, divides them by the maxima stored at ingest and combines them. The resident batch path (batches.py) reuses the
+same resize, normalise and draw, so both paths build identical inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from cellseg.data.codes import CodePlan, normalise, resolve_codes
+from cellseg.data.store import Store, open_store
+from cellseg.errors import ConfigError
+
+_ORDER, _SAMPLE = 0, 1  # domain tags, so order and sample seeds never coincide
+
+
+_MASK64 = 2**64 - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def derived_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded by hashing integer keys (seed, tag, index, epoch) with splitmix64.
+
+    Cheap enough to make one per sample and per batch, unlike ``numpy.random.SeedSequence``.
+    """
+    state = 0
+    for key in keys:
+        state = _splitmix64(state ^ (int(key) & _MASK64))
+    return torch.Generator().manual_seed(state)
+
+
+def sample_generator(seed: int, index: int, epoch: int) -> torch.Generator:
+    """The generator for the loading-code draw of stack ``index`` in ``epoch``."""
+    return derived_generator(seed, _SAMPLE, index, epoch)
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
+    """Positions 0..n-1 in this epoch's order (a seeded permutation when shuffling)."""
+    if not shuffle:
+        return torch.arange(n)
+    return torch.randperm(n, generator=derived_generator(seed, _ORDER, epoch))
+
+
+def resize_image(raw: np.ndarray, size: int) -> np.ndarray:
+    """uint16 (K, H, W) -> uint16 (K, size, size): bilinear (antialiased), rounded."""
+    if raw.shape[-2:] == (size, size):
+        return raw
+    x = torch.from_numpy(raw.astype(np.float32))[None]
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x[0].round().clamp(0, 65535).numpy().astype(np.uint16)
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """Class indices (H, W) -> (size, size), nearest neighbour (no new classes)."""
+    if mask.shape == (size, size):
+        return mask
+    m = torch.from_numpy(mask.astype(np.float32))[None, None]
+    return F.interpolate(m, size=(size, size), mode="nearest-exact")[0, 0].numpy().astype(mask.dtype)
+
+
+def check_plan(plan: CodePlan, store: Store) -> None:
+    """A plan resolved for another layout would read the wrong channels: refuse it."""
+    if plan.layout != store.layout:
+        raise ConfigError(
+            f"loading codes {plan.codes} were resolved for layout '{plan.layout.name}', "
+            f"but store {store.path} has layout '{store.layout.name}'"
+        )
+
+
+class StackDataset(Dataset):
+    """Stacks of a store as (input, mask) samples; see ``open_dataset``."""
+
+    def __init__(self, store_path: Path, plan: CodePlan, indices: Sequence[int], size: int | None, seed: int):
+        self.store_path = Path(store_path)
+        self.plan = plan
+        self.indices = [int(i) for i in indices]
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+        self._store: Store | None = None
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:  # opened lazily, so each DataLoader worker opens its own
+            self._store = open_store(self.store_path)
+        return self._store
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_store": None}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the random codes of ``epoch`` (same epoch, same draw)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw first, then read only the channels the draw uses (a random code reads one of its list)."""
+        index = self.indices[position]
+        where, weight = self.plan.draw(1, sample_generator(self.seed, index, self.epoch))
+        used = torch.unique(where[weight != 0])
+        used = used if len(used) else torch.zeros(1, dtype=torch.int64)  # all black: still need H, W
+        channels = [self.plan.needed_channels[k] for k in used.tolist()]
+        raw, mask = self.store.read_image(index, channels), self.store.read_mask(index)
+        if self.size is not None:
+            raw, mask = resize_image(raw, self.size), resize_mask(mask, self.size)
+        x = normalise(torch.from_numpy(raw)[None], torch.from_numpy(self.store.channel_max[index, channels])[None])
+        compact = torch.zeros(len(self.plan.needed_channels), dtype=torch.int64)
+        compact[used] = torch.arange(len(used))
+        return self.plan.combine(x, compact[where], weight)[0], torch.from_numpy(mask).long()
+
+
+def open_dataset(
+    store_path: str | Path,
+    codes: str | Sequence[int] | CodePlan,
+    seed: int = 0,
+    indices: Sequence[int] | None = None,
+    size: int | None = None,
+    channel_dropout: float = 0.5,
+    merge_dropout: float = 0.5,
+) -> StackDataset:
+    """A torch Dataset over a store's stacks (all, or ``indices``), native size unless ``size``.
+
+    ``codes``: a list of codes, a strategy name, ``"100,12,103"`` or a resolved ``CodePlan``.
+    Unknown codes or channels the store's layout lacks raise ConfigError here, before any reading.
+    """
+    store = open_store(store_path)
+    plan = codes if isinstance(codes, CodePlan) else resolve_codes(codes, store.layout, channel_dropout, merge_dropout)
+    check_plan(plan, store)
+    chosen = range(len(store)) if indices is None else indices
+    bad = [i for i in chosen if not 0 <= int(i) < len(store)]
+    if bad:
+        raise IndexError(f"stack indices {bad[:5]} out of range for {len(store)} stacks")
+    dataset = StackDataset(Path(store_path), plan, chosen, size, seed)
+    dataset._store = store
+    return dataset
