@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
@@ -39,3 +40,20 @@ def trainer_store(synth_trainer, tmp_path_factory):
     out = tmp_path_factory.mktemp("stores") / "trainer.zarr"
     ingest(synth_trainer, out, layout="trainer")
     return out
+
+
+@pytest.fixture(scope="session")
+def _mlflow_template(tmp_path_factory):
+    """An empty, migrated MLflow SQLite store: creating one costs ~15 s, copying it next to nothing."""
+    import mlflow
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def mlflow_db(_mlflow_template, tmp_path):
+    """The default tracking URI (sqlite:///mlflow.db in the test's folder), already migrated."""
+    shutil.copy(_mlflow_template, tmp_path / "mlflow.db")
+    return "sqlite:///mlflow.db"
