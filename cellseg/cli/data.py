@@ -13,7 +13,9 @@ data_app = typer.Typer(help="Datasets: synthesise, ingest to Zarr, cut subimages
 @data_app.command("synth")
 def synth(
     out: Annotated[Path, typer.Argument(help="Output folder (SPEC 2.1 layout: FullImage/, Mask_Norm/, codes.txt).")],
-    layout: Annotated[str, typer.Option(help="Layout name (trainer, test, external) or a layout YAML file.")] = "trainer",
+    layout: Annotated[
+        str, typer.Option(help="Layout name (trainer, test, external) or a layout YAML file.")
+    ] = "trainer",
     cells: Annotated[int, typer.Option(help="Number of stacks with cells.")] = 275,
     negatives: Annotated[int, typer.Option(help="Number of cell-free control stacks.")] = 175,
     size: Annotated[int, typer.Option(help="Nominal subimage side in pixels (crops vary around it).")] = 400,

@@ -169,7 +169,9 @@ def synthesize(
         if workers <= 1:
             results = [_make(job) for job in jobs]
         else:
-            pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("forkserver"))
+            context = get_context("forkserver")  # never fork a parent that may hold threads (torch)
+            context.set_forkserver_preload(["cellseg.data.synth"])  # import once, not per worker
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
             try:
                 results = list(pool.map(_make, jobs, chunksize=4))
             finally:

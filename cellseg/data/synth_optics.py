@@ -8,7 +8,8 @@ parallel = total (1 + a) / 2, perpendicular = total (1 - a) / 2.
 Brightfield: the cell is a weak phase object; by the transport-of-intensity equation a plane at
 defocus z sees I = I0 (1 - z lambda / (2 pi) lap(phi)), blurred more the further from focus, so
 the in-focus plane shows only the faint absorption.
-Camera: Poisson photon noise (normal approximation for bright pixels), Gaussian read noise, offset, uneven illumination, uint16.
+Camera: Poisson photon noise (normal approximation for bright pixels), Gaussian read noise,
+offset, uneven illumination, uint16.
 """
 
 from __future__ import annotations
@@ -76,8 +77,9 @@ class Optics:
         self.fluorescence_field = _illumination(rng, scene.shape)
         self.brightfield_field = _illumination(rng, scene.shape)
         self.autofluorescence = rng.uniform(*AUTOFLUORESCENCE_PHOTONS)
-        self.mitochondria = self._organelles(punctate=True)  # the cell has them labelled or not:
-        self._structures: dict[str, np.ndarray] = {"mitochondria": self.mitochondria}  # they scatter light
+        # Mitochondria are there whether or not a channel labels them: they also scatter light.
+        self.mitochondria = self._organelles(punctate=True)
+        self._structures: dict[str, np.ndarray] = {"mitochondria": self.mitochondria}
         self._labels: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     # --- structures -------------------------------------------------------------------------------
