@@ -270,7 +270,7 @@ def _check_target(out: Path) -> None:
 
 
 def _remove_leftovers(out: Path) -> list[str]:
-    """Temporary folders left beside ``out`` by a killed ingest (never complete: safe to delete)."""
+    """Temporary folders left beside ``out`` by a killed ingest (one ingest per target at a time)."""
     removed = []
     for pattern in (f".{out.name}.*.tmp", f".{out.name}.old-*"):
         for path in sorted(out.parent.glob(pattern)):

@@ -66,7 +66,6 @@ class StackHeader:
     channels: int
     height: int
     width: int
-    dtype: np.dtype
     squeezed: tuple[int, ...]  # series shape without its singleton axes (Y and X always kept)
     order: tuple[int, ...]  # transpose of the squeezed array to (page axes..., samples, Y, X)
     hwc_pages: bool  # pages of shape (W, C): an (H, W, C) array written page-wise by tifffile
@@ -104,7 +103,7 @@ def stack_header(tif: tifffile.TiffFile, expected_channels: int | None = None) -
     position = {i: k for k, (i, _, _) in enumerate(kept)}
     order = tuple(position[i] for i in others + samples + spatial)
     squeezed = tuple(n for _, _, n in kept)
-    return StackHeader(channels, h, w, np.dtype(series.dtype), squeezed, order, hwc)
+    return StackHeader(channels, h, w, squeezed, order, hwc)
 
 
 def arrange(data: np.ndarray, header: StackHeader) -> np.ndarray:
