@@ -8,6 +8,7 @@ and ``Config.to_yaml`` writes a file that ``--config`` accepts again.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -158,11 +159,14 @@ def default_config_path() -> Path:
     return config_file("default.yaml")
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults, then the user's YAML file (if any), then dotted-key overrides."""
+def load_config(
+    path: str | Path | Sequence[str | Path] | None = None, overrides: dict[str, Any] | None = None
+) -> Config:
+    """Defaults, then the user's YAML file(s) in order (e.g. a profile, then --config), then dotted-key overrides."""
     raw = read_yaml(default_config_path()) or {}
     source = str(default_config_path())
-    if path is not None:
+    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
+    for path in paths:
         user = read_yaml(path)
         if user is None:
             user = {}

@@ -1,0 +1,239 @@
+"""``fit``: the one training loop (train, tune, compare and sweep-ce all call it).
+
+Per epoch: train on augmented batches (one optimizer and one-cycle scheduler per cycle, stepped per
+batch), evaluate on the validation split, append to the history, write ``metrics.json``, write the
+checkpoint (every ``train.checkpoint_every`` epochs and at the end of each cycle), and only then
+call the callbacks — a failing logger or a pruner can never cost the checkpoint of that epoch.
+
+Callbacks implement any of ``on_fit_start(session)``, ``on_train_batch_end(session, step, loss)``,
+``on_epoch_end(session, epoch, metrics)`` (may raise, e.g. ``optuna.TrialPruned``),
+``on_fit_end(session, result)``, ``on_fit_error(session, exc)``, and ``state_dict()`` /
+``load_state_dict(state)`` saved in the checkpoint under ``state_key`` (default: the class name).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cellseg.config import Config
+from cellseg.data.codes import CodePlan
+from cellseg.data.split import Split
+from cellseg.engine.checkpoint import checkpoint_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from cellseg.engine.restore import check_compatible, check_resume_config, load_initial_model
+from cellseg.engine.schedule import (
+    Cycle,
+    cycle_at,
+    make_optimizer,
+    make_scheduler,
+    peak_lrs,
+    plan_cycles,
+    set_encoder_frozen,
+)
+from cellseg.engine.session import SPLIT_NAME, TrainingSession
+from cellseg.errors import BadInputError, ConfigError
+from cellseg.fileio import write_text
+
+CONFIG_NAME = "config.yaml"
+METRICS_NAME = "metrics.json"
+
+
+class Callback:
+    """Base class with no-op hooks; subclass and override what you need."""
+
+    state_key: str | None = None
+
+    def on_fit_start(self, session: TrainingSession) -> None: ...
+    def on_train_batch_end(self, session: TrainingSession, step: int, loss: torch.Tensor) -> None: ...
+    def on_epoch_end(self, session: TrainingSession, epoch: int, metrics: dict[str, Any]) -> None: ...
+    def on_fit_end(self, session: TrainingSession, result: FitResult) -> None: ...
+    def on_fit_error(self, session: TrainingSession, exc: BaseException) -> None: ...
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, Any]]
+    final: dict[str, Any]
+    model: nn.Module
+    plan: CodePlan
+    split: Split
+    run_dir: Path
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _key(callback: Any) -> str:
+    return getattr(callback, "state_key", None) or type(callback).__name__
+
+
+def _call(callbacks: Sequence[Any], hook: str, *args: Any) -> None:
+    for callback in callbacks:
+        method = getattr(callback, hook, None)
+        if method is not None:
+            method(*args)
+
+
+def fit(
+    config: Config,
+    run_dir: str | Path,
+    resume: bool = False,
+    init_from: str | Path | None = None,
+    callbacks: Sequence[Any] = (),
+    split: Split | None = None,
+) -> FitResult:
+    """Train per ``config`` in ``run_dir``; ``resume`` continues its checkpoint (see schedule.py for
+    a larger ``train.epochs``); ``init_from`` starts from an earlier model's weights."""
+    run_dir = Path(run_dir)
+    checkpoint = _checkpoint_to_resume(run_dir, config, resume, init_from)
+    session = TrainingSession(config, run_dir, split=split)
+    if checkpoint is not None:
+        _check_same_data(checkpoint, session, run_dir)
+    elif init_from is not None:
+        state, metadata = load_initial_model(init_from)
+        check_compatible(metadata, init_from, session.plan.in_channels, config.model.encoder, config.model.num_classes)
+        session.model.load_state_dict(state)
+    started = [Cycle(**c) for c in checkpoint["cycles"]] if checkpoint else None
+    cycles = plan_cycles(config.train, started)
+    session.cycles = cycles
+    session.start_epoch = checkpoint["epoch"] if checkpoint else 0
+    if checkpoint is not None:
+        session.model.load_state_dict(checkpoint["model"])
+        session.history = list(checkpoint["history"])
+        for callback in callbacks:
+            if _key(callback) in checkpoint["callbacks"]:
+                callback.load_state_dict(checkpoint["callbacks"][_key(callback)])
+    write_text(run_dir / CONFIG_NAME, config.to_yaml())
+    session.split.save(run_dir / SPLIT_NAME)
+    _call(callbacks, "on_fit_start", session)
+    try:
+        if checkpoint is not None:
+            set_rng_state(checkpoint["rng"])
+        _run(session, cycles, callbacks, checkpoint)
+    except BaseException as exc:
+        _call(callbacks, "on_fit_error", session, exc)
+        raise
+    result = FitResult(
+        history=session.history,
+        final=session.history[-1] if session.history else {},
+        model=session.model,
+        plan=session.plan,
+        split=session.split,
+        run_dir=run_dir,
+        metadata=session.metadata(),
+    )
+    _call(callbacks, "on_fit_end", session, result)
+    return result
+
+
+def _checkpoint_to_resume(run_dir: Path, config: Config, resume: bool, init_from) -> dict | None:
+    path = checkpoint_path(run_dir)
+    if resume and init_from is not None:
+        raise ConfigError("--resume and --init-from exclude each other (resume continues the run's own model)")
+    if not resume:
+        if path.exists():
+            raise BadInputError(
+                f"{run_dir}: already holds a training run ({path.name}); pass --resume to continue it "
+                "or choose another --run-dir"
+            )
+        return None
+    if not path.is_file():
+        raise BadInputError(f"{run_dir}: no {path.name} to resume from (start the run without --resume)")
+    checkpoint = load_checkpoint(path)
+    check_resume_config(checkpoint["config"], config)
+    return checkpoint
+
+
+def _check_same_data(checkpoint: dict, session: TrainingSession, run_dir: Path) -> None:
+    if checkpoint["store_hash"] != session.store.content_hash:
+        raise BadInputError(
+            f"--resume {run_dir}: store {session.config.data.store} is not the data this run was trained on "
+            "(content hash differs)"
+        )
+
+
+def _run(session: TrainingSession, cycles: list[Cycle], callbacks: Sequence[Any], checkpoint: dict | None) -> None:
+    total = sum(c.epochs for c in cycles)
+    epoch = session.start_epoch
+    while epoch < total:
+        index, within = cycle_at(cycles, epoch)
+        cycle = cycles[index]
+        _start_cycle(session, cycle)
+        if within > 0 and checkpoint is not None:  # resuming in the middle of this cycle
+            session.optimizer.load_state_dict(checkpoint["optimizer"])
+            session.scheduler.load_state_dict(checkpoint["scheduler"])
+        cycle_end = epoch - within + cycle.epochs
+        for epoch in range(epoch, cycle_end):
+            _epoch(session, cycle, epoch, cycle_end, callbacks)
+        epoch = cycle_end
+
+
+def _start_cycle(session: TrainingSession, cycle: Cycle) -> None:
+    train = session.config.train
+    set_encoder_frozen(session.model, cycle.frozen)
+    lrs = peak_lrs(cycle, train, len(session.model.param_groups()))
+    session.optimizer = make_optimizer(session.model, lrs, train.weight_decay)
+    session.scheduler = make_scheduler(session.optimizer, lrs, cycle.epochs * len(session.train_source))
+
+
+def _epoch(session: TrainingSession, cycle: Cycle, epoch: int, cycle_end: int, callbacks: Sequence[Any]) -> None:
+    steps = len(session.train_source)
+    loss_sum = torch.zeros((), device=session.device, dtype=torch.float64)
+    seen = 0
+    lr = math.nan
+    for i, (x, y) in enumerate(session.train_batches(epoch)):
+        lr = session.optimizer.param_groups[-1]["lr"]
+        loss = session.train_step(x, y, session.optimizer)
+        _call(callbacks, "on_train_batch_end", session, epoch * steps + i, loss)
+        session.scheduler.step()
+        loss_sum += loss * len(y)
+        seen += len(y)
+    record = {
+        "epoch": epoch + 1,
+        "phase": cycle.phase,
+        "lr": lr,
+        "train_loss": (loss_sum / max(seen, 1)).item() if seen else math.nan,
+        **session.evaluate(),
+    }
+    session.history.append(record)
+    run_dir = session.run_dir
+    write_text(run_dir / METRICS_NAME, json.dumps(_json_safe(session.history), indent=1) + "\n")
+    if (epoch + 1) % session.config.train.checkpoint_every == 0 or epoch + 1 == cycle_end:
+        save_checkpoint(checkpoint_path(run_dir), _checkpoint_state(session, epoch + 1, callbacks))
+    _call(callbacks, "on_epoch_end", session, epoch + 1, record)
+
+
+def _checkpoint_state(session: TrainingSession, epochs_done: int, callbacks: Sequence[Any]) -> dict[str, Any]:
+    return {
+        "metadata": session.metadata(),
+        "model": {k: v.detach().cpu() for k, v in session.model.state_dict().items()},
+        "optimizer": session.optimizer.state_dict(),
+        "scheduler": session.scheduler.state_dict(),
+        "cycles": [c.to_dict() for c in session.cycles],
+        "epoch": epochs_done,
+        "history": list(session.history),
+        "rng": rng_state(),
+        "callbacks": {_key(cb): cb.state_dict() for cb in callbacks if hasattr(cb, "state_dict")},
+        "store_hash": session.store.content_hash,
+        "config": session.config.to_dict(),
+    }
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (a class absent from validation) becomes null, so metrics.json is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value

@@ -1,0 +1,74 @@
+"""Starting from saved state: resuming a run from its checkpoint, or initialising from an earlier model.
+
+A resumed run must be the run it continues, so its config may differ from the checkpoint's only
+in keys that do not change what is computed (where it runs, how data is held, where it is
+logged) and in ``train.epochs``, which may grow (schedule.py says how). Anything else is refused
+with the keys named: start a new run, perhaps ``--init-from`` the old one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cellseg.config import Config
+from cellseg.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from cellseg.errors import BadInputError, ConfigError, TrackingError
+
+RESUMABLE_KEYS = ("train.epochs", "train.device", "train.checkpoint_every", "data.store", "data.residency",
+                  "data.num_workers")
+RESUMABLE_PREFIXES = ("tracking.",)
+
+
+def check_resume_config(saved: dict[str, Any], config: Config) -> None:
+    """ConfigError naming the keys (other than the resumable ones) that differ from the checkpoint's."""
+    old = Config.model_validate(saved).flat()
+    new = config.flat()
+    changed = [
+        key for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key) and key not in RESUMABLE_KEYS and not key.startswith(RESUMABLE_PREFIXES)
+    ]
+    if changed:
+        shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed[:4])
+        raise ConfigError(
+            f"--resume: the config differs from the checkpoint in {shown}; start a new run "
+            "(optionally --init-from this one) instead"
+        )
+
+
+def load_initial_model(source: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, metadata) of an earlier model: a run folder, a checkpoint file or an MLflow model."""
+    path = Path(str(source))
+    if (path / CHECKPOINT_NAME).is_file() or path.is_file():
+        checkpoint = load_checkpoint(path)
+        return checkpoint["model"], checkpoint["metadata"]
+    if path.is_dir() and not (path / "MLmodel").is_file():
+        raise BadInputError(f"--init-from {source}: no {CHECKPOINT_NAME} or MLflow model in that folder")
+    try:
+        from cellseg.tracking.models import load_trained_model
+    except ImportError:
+        raise TrackingError(f"--init-from {source}: loading MLflow models is not available in this install") from None
+    trained = load_trained_model(str(source))
+    return trained.model.state_dict(), dict(trained.metadata)
+
+
+def check_compatible(metadata: dict[str, Any], source: str | Path, in_channels: int, encoder: str,
+                     num_classes: int) -> None:
+    """One-line error when an earlier model cannot take this run's inputs or architecture."""
+    if metadata.get("in_channels") != in_channels:
+        raise ConfigError(
+            f"--init-from {source}: the model takes {metadata.get('in_channels')} input channels, "
+            f"but the loading codes give {in_channels}"
+        )
+    if metadata.get("encoder") != encoder:
+        raise ConfigError(
+            f"--init-from {source}: the model's encoder is {metadata.get('encoder')!r}, the config's "
+            f"{encoder!r} (set model.encoder)"
+        )
+    if metadata.get("num_classes") != num_classes:
+        raise ConfigError(
+            f"--init-from {source}: the model predicts {metadata.get('num_classes')} classes, "
+            f"this run {num_classes}"
+        )

@@ -1,0 +1,347 @@
+"""MLflow run logging for the training engine: one run per fit, continued on resume, model registered.
+
+``MlflowCallback`` opens the run when the fit starts (or reopens the run whose id the checkpoint
+stored, so a resumed run continues the SAME MLflow run), logs every resolved parameter, the
+config and the split, per-epoch metrics with ``step=epoch``, and at the end the learning curves,
+example prediction overlays and the model in the ``mlflow.pytorch`` flavour, registered under
+``--register-as`` (default ``cellseg-<strategy>``). The engine writes each checkpoint before it
+calls the callback, and a failure to log an epoch is a warning, so tracking trouble never costs
+training. ``check_tracking_uri`` tries an http(s) server up front, so an unreachable server fails
+in seconds rather than after an hour of training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cellseg.errors import TrackingError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DB = "mlflow.db"
+MODEL_NAME = "model"  # artifact name of the logged model (CONTRACTS.md)
+NEW_VERSION_ALIAS = "challenger"  # a freshly trained version is a candidate …
+DEFAULT_ALIAS = "champion"  # … and also the default one while the registered model has none
+MODEL_EPOCH_TAG = "cellseg.model_epoch"
+CHECK_TIMEOUT_S = 5.0
+
+
+def resolve_tracking_uri(cli_value: str | None = None) -> str:
+    """CLI value > ``MLFLOW_TRACKING_URI`` > ``sqlite:///<cwd>/mlflow.db`` (absolute, MLflow's default store)."""
+    if cli_value:
+        return cli_value
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{(Path.cwd() / DEFAULT_DB).as_posix()}"
+
+
+def check_tracking_uri(uri: str, timeout: float = CHECK_TIMEOUT_S) -> None:
+    """TrackingError (one line, in seconds) if ``uri`` cannot work: an http(s) server that does not
+    answer, or a SQLite file whose folder does not exist. Also caps MLflow's HTTP retries so an outage
+    mid-training costs seconds per epoch (values set in the environment win)."""
+    if uri.startswith(("http://", "https://")):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+        except urllib.error.HTTPError:
+            pass  # the server answered
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingError(f"--tracking-uri {uri}: MLflow server not reachable ({reason})") from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir():
+            raise TrackingError(f"--tracking-uri {uri}: folder {folder} does not exist")
+
+
+def registered_name(register_as: str | None, strategy: str | None) -> str:
+    """``--register-as`` or ``cellseg-<strategy>`` (``cellseg-custom`` for explicit codes)."""
+    return register_as or f"cellseg-{strategy or 'custom'}"
+
+
+class MlflowCallback:
+    """Engine callback logging one fit as one MLflow run (see module docstring).
+
+    ``register=False`` logs the model without registering it; ``log_model=False`` logs no model
+    (e.g. trials of a study); ``parent_run_id`` nests the run under a study/comparison run and
+    ``tags`` are set on it (strategy, replicate, trial …).
+    """
+
+    state_key = "mlflow"
+
+    def __init__(self, tracking_uri: str | None = None, experiment: str = "cellseg", register_as: str | None = None,
+                 register: bool = True, log_model: bool = True, parent_run_id: str | None = None,
+                 tags: dict[str, str] | None = None, run_name: str | None = None, examples: int = 4):
+        self.uri = resolve_tracking_uri(tracking_uri)
+        self.experiment = experiment
+        self.register_as, self.register, self.log_model = register_as, register, log_model
+        self.parent_run_id, self.tags, self.run_name, self.examples = parent_run_id, dict(tags or {}), run_name, examples
+        self.run_id: str | None = None
+        self.model_uri: str | None = None
+        self.registered: tuple[str, int] | None = None  # (name, version)
+        self._client = None
+
+    # --- checkpointed state: the run id, so --resume continues the same run ---------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.run_id = state.get("run_id")
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        return self._client
+
+    # --- engine hooks ----------------------------------------------------------------------------
+    def on_fit_start(self, session) -> None:
+        check_tracking_uri(self.uri)
+        with _tracking_errors(f"MLflow at {self.uri}"):
+            experiment_id = self._experiment_id()
+            if self.run_id and not self._reopen():
+                self.run_id = None
+            if self.run_id is None:
+                tags = {**self._tags(session), **({"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {})}
+                run = self.client.create_run(experiment_id, run_name=self.run_name or session.run_dir.name, tags=tags)
+                self.run_id = run.info.run_id
+            self._log_params(session)
+            for name in ("config.yaml", "split.json"):
+                self.client.log_artifact(self.run_id, str(session.run_dir / name))
+            self._log_missing_epochs(session.history)
+
+    def on_epoch_end(self, session, epoch: int, metrics: dict[str, Any]) -> None:
+        try:
+            self._log_metrics([metrics])
+        except Exception as exc:  # noqa: BLE001 — tracking trouble must not stop training
+            log.warning("MLflow: could not log epoch %d (%s); the checkpoint is saved, training continues",
+                        epoch, _one_line(exc))
+
+    def on_fit_end(self, session, result) -> None:
+        try:
+            self._log_figures(session)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("MLflow: could not log the figures (%s)", _one_line(exc))
+        with _tracking_errors(f"MLflow: logging the model of {session.run_dir} (saved in its checkpoint; "
+                              "--resume logs it again)"):
+            if self.log_model:
+                self._log_and_register(session, result)
+            self.client.set_terminated(self.run_id, "FINISHED")
+
+    def on_fit_error(self, session, exc: BaseException) -> None:
+        if self.run_id is None:
+            return
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) or type(exc).__name__ == "TrialPruned" else "FAILED"
+        try:
+            if type(exc).__name__ == "TrialPruned":
+                self.client.set_tag(self.run_id, "cellseg.pruned", "true")
+            self.client.set_terminated(self.run_id, status)
+        except Exception as err:  # noqa: BLE001 — already failing; do not mask the cause
+            log.warning("MLflow: could not mark run %s as %s (%s)", self.run_id, status, _one_line(err))
+
+    # --- helpers -----------------------------------------------------------------------------------
+    def _experiment_id(self) -> str:
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(self.experiment)
+        except MlflowException:  # created meanwhile by a parallel process
+            return self.client.get_experiment_by_name(self.experiment).experiment_id
+
+    def _reopen(self) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(self.run_id)
+        except MlflowException:
+            log.warning("MLflow: run %s of the checkpoint is not in %s; starting a new run", self.run_id, self.uri)
+            return False
+        if run.info.lifecycle_stage == "deleted":
+            log.warning("MLflow: run %s of the checkpoint was deleted; starting a new run", self.run_id)
+            return False
+        self.client.update_run(self.run_id, status="RUNNING")
+        return True
+
+    def _tags(self, session) -> dict[str, str]:
+        plan = session.plan
+        return {"strategy": plan.strategy or "custom", "codes": ",".join(map(str, plan.codes)),
+                "cellseg.run_dir": str(session.run_dir.resolve()), **self.tags}
+
+    def _log_params(self, session) -> None:
+        """All resolved params; on resume, changed values (e.g. train.epochs) become tags (params are immutable)."""
+        from mlflow.entities import Param, RunTag
+
+        plan, store, split = session.plan, session.store, session.split
+        params = {
+            **session.config.flat(),
+            "codes": ",".join(map(str, plan.codes)),
+            "strategy": plan.strategy,
+            "in_channels": plan.in_channels,
+            "store.content_hash": store.content_hash,
+            "store.layout": store.layout.name,
+            "split.train": len(split.train),
+            "split.val": len(split.val),
+            "model.parameters": sum(p.numel() for p in session.model.parameters()),
+            "device": str(session.device),
+        }
+        params = {k: str(v) for k, v in params.items()}
+        logged = self.client.get_run(self.run_id).data.params
+        new = [Param(k, v) for k, v in params.items() if k not in logged]
+        changed = [RunTag(f"cellseg.resumed.{k}", v) for k, v in params.items() if k in logged and logged[k] != v]
+        for start in range(0, max(len(new), len(changed)), 100):
+            self.client.log_batch(self.run_id, params=new[start:start + 100], tags=changed[start:start + 100])
+
+    def _log_metrics(self, records: list[dict[str, Any]]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, float(value), now, int(record["epoch"]))
+                   for record in records for key, value in record.items()
+                   if key != "epoch" and isinstance(value, (int, float))]
+        for start in range(0, len(metrics), 1000):
+            self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
+
+    def _log_missing_epochs(self, history: list[dict[str, Any]]) -> None:
+        """After a resume: epochs the checkpoint has but the run lacks (a crash between the two)."""
+        logged = {m.step for m in self.client.get_metric_history(self.run_id, "val_loss")}
+        missing = [record for record in history if record["epoch"] not in logged]
+        if missing:
+            self._log_metrics(missing)
+
+    def _log_figures(self, session) -> None:
+        import tempfile
+
+        from cellseg.plots import image_grid, learning_curves, save_figure
+        from cellseg.visualize import overlay
+
+        with tempfile.TemporaryDirectory(prefix="cellseg-plots-") as tmp:
+            if session.history:
+                save_figure(learning_curves(session.history), Path(tmp) / "learning_curves.png")
+            x, y, ids = _example_batch(session, self.examples)
+            if x is not None:
+                prediction = session.predict(x)
+                images = [overlay(x[i], prediction[i], y[i]) for i in range(len(x))]
+                save_figure(image_grid(images, ids), Path(tmp) / "predictions.png")
+            self.client.log_artifacts(self.run_id, tmp, artifact_path="plots")
+        self.client.log_artifact(self.run_id, str(session.run_dir / "metrics.json"))
+
+    def _log_and_register(self, session, result) -> None:
+        import mlflow
+        import mlflow.pytorch
+
+        epoch = str(session.history[-1]["epoch"]) if session.history else "0"
+        run = self.client.get_run(self.run_id)
+        if run.data.tags.get(MODEL_EPOCH_TAG) == epoch:  # resumed a finished run with nothing to add
+            self.model_uri = run.data.tags.get("cellseg.model_uri")
+            return
+        model = copy.deepcopy(result.model).float().cpu().to(memory_format=torch.contiguous_format).eval()
+        example = _input_example(session)
+        name = registered_name(self.register_as, session.plan.strategy) if self.register else None
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+        with mlflow.start_run(run_id=self.run_id, nested=mlflow.active_run() is not None), _quiet("mlflow.pytorch"):
+            info = mlflow.pytorch.log_model(
+                model,
+                name=MODEL_NAME,
+                signature=_signature(result.metadata),
+                input_example=example,
+                metadata=result.metadata,
+                pip_requirements=_requirements(),
+                registered_model_name=name,
+                serialization_format="pickle",  # an nn.Module that takes any image size, not an export
+            )
+        self.model_uri = info.model_uri
+        tags = {MODEL_EPOCH_TAG: epoch, "cellseg.model_uri": info.model_uri}
+        if name is not None:
+            version = int(info.registered_model_version)
+            self.registered = (name, version)
+            self.client.set_registered_model_alias(name, NEW_VERSION_ALIAS, str(version))
+            if DEFAULT_ALIAS not in (self.client.get_registered_model(name).aliases or {}):
+                self.client.set_registered_model_alias(name, DEFAULT_ALIAS, str(version))
+            tags["cellseg.registered"] = f"models:/{name}/{version}"
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+
+
+def _example_batch(session, n: int):
+    """Up to ``n`` validation samples (training samples if there is no validation split) and their ids."""
+    for source, ids in ((session.val_source, session.split.val), (session.train_source, None)):
+        if len(source):
+            x, y = next(iter(source.epoch(0)))
+            names = list(ids[:n]) if ids is not None else [f"train {i}" for i in range(n)]
+            return x[:n], y[:n], names
+    return None, None, []
+
+
+def _input_example(session) -> np.ndarray:
+    x, _, _ = _example_batch(session, 1)
+    if x is None:
+        size, channels = session.config.data.size, session.plan.in_channels
+        return np.zeros((1, channels, size, size), dtype=np.float32)
+    return x[:1].float().cpu().numpy()
+
+
+def _signature(metadata: dict[str, Any]):
+    """(batch, in_channels, H, W) float32 -> (batch, num_classes, H, W) logits; any H and W."""
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, metadata["in_channels"], -1, -1))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, metadata["num_classes"], -1, -1))]),
+    )
+
+
+def _requirements() -> list[str]:
+    """Stated, not inferred (MLflow's inference re-imports the model in a subprocess: slow)."""
+    import timm
+
+    import cellseg
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}", f"cellseg=={cellseg.__version__}"]
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "message", None) or exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Silence a logger's warnings (pickle is chosen on purpose; MLflow warns about it every time)."""
+    target = logging.getLogger(logger)
+    level = target.level
+    target.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        target.setLevel(level)
+
+
+@contextlib.contextmanager
+def _tracking_errors(what: str) -> Iterator[None]:
+    """Turn MLflow/database/OS errors into a one-line TrackingError prefixed with ``what``."""
+    try:
+        yield
+    except TrackingError:
+        raise
+    except Exception as exc:  # noqa: BLE001 — MLflow raises many kinds; the user needs one line
+        raise TrackingError(f"{what}: {_one_line(exc)}") from None
