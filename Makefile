@@ -21,6 +21,7 @@ run: install ## main job: synthesise a small dataset, ingest it, train, register
 	PATH=$(abspath $(BIN)):$$PATH bash scripts/main_job.sh
 
 test: install ## the whole test suite (CPU)
+	bash scripts/ensure_services.sh
 	$(BIN)/python -m pytest -n 2 -q
 
 bench: install ## benchmarks (prints markdown tables)

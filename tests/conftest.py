@@ -14,6 +14,10 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)  # pytest-xdist runs one worker per core
 
+# Real servers on loopback (mlflow_server, postgres_url, s3_endpoint) from tests/servers.py, importable
+# because pytest's default (prepend) import mode puts this folder on sys.path.
+pytest_plugins = ["servers"]
+
 
 @pytest.fixture(autouse=True)
 def _isolated_cwd(tmp_path, monkeypatch):
