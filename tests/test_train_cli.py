@@ -1,0 +1,119 @@
+"""`cellseg train`: shared option mapping, one-line errors before any training, and a CPU run
+end to end through MLflow including resume-to-extend from the command line."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from cellseg.cli.main import app
+from cellseg.cli.options import TrainingOptions, with_options
+from cellseg.errors import ConfigError
+
+runner = CliRunner()
+TINY = ["--size", "64", "--batch-size", "2", "--epochs-frozen", "1", "--epochs", "1", "--device", "cpu"]
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def one_line_error(result, *needles: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_options_map_to_config_keys(tmp_path):
+    options = TrainingOptions(data=Path("s.zarr"), profile="quick", codes="0,3,206", lr=0.01, ce_weights="1,10",
+                              epochs=7, seed=5)
+    config = options.load()
+    assert config.data.codes == [0, 3, 206] and config.data.strategy is None
+    assert config.train.lr == 0.01 and config.train.ce_weights == [1.0, 10.0] and config.seed == 5
+    assert config.train.epochs == 7  # the option beats the profile …
+    assert config.data.size == 96  # … and the profile beats the defaults
+    user = tmp_path / "user.yaml"
+    user.write_text("data:\n  codes: [12, 12, 12]\n")
+    assert TrainingOptions(config=user).load().data.codes == [12, 12, 12]
+    assert TrainingOptions(config=user, strategy="membrane").load().data.codes is None  # CLI strategy wins
+    with pytest.raises(ConfigError, match="--profile huge: unknown profile"):
+        TrainingOptions(profile="huge").load()
+    with pytest.raises(ConfigError, match="--ce-weights '1,x'"):
+        TrainingOptions(ce_weights="1,x").load()
+
+
+def test_with_options_gives_any_command_the_same_options():
+    demo = typer.Typer()
+    got = {}
+
+    @demo.command()
+    @with_options(TrainingOptions, "options")
+    def other(options: TrainingOptions, out: str = "x") -> None:
+        got["config"], got["out"] = options.load(), out
+
+    result = runner.invoke(demo, ["--lr", "0.5", "--epochs-frozen", "2", "--out", "y"])
+    assert result.exit_code == 0, result.output
+    assert got["config"].train.lr == 0.5 and got["config"].train.epochs_frozen == 2 and got["out"] == "y"
+
+
+def test_missing_store_is_one_line(mlflow_db):
+    one_line_error(invoke("train", "--data", "nowhere.zarr", *TINY), "nowhere.zarr", "store not found")
+
+
+def test_unknown_strategy_is_one_line(trainer_store, mlflow_db):
+    one_line_error(invoke("train", "--data", str(trainer_store), "--strategy", "telepathy", *TINY), "telepathy")
+
+
+def test_store_lacking_the_codes_channels_is_one_line(trainer_store, mlflow_db):
+    result = invoke("train", "--data", str(trainer_store), "--codes", "0,3,40", *TINY)
+    one_line_error(result, "40")
+    assert not Path("runs").exists() or not any(Path("runs").rglob("checkpoint_last.pt"))
+
+
+def test_unreachable_tracking_server_fails_in_seconds(trainer_store):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    result = invoke("train", "--data", str(trainer_store), "--tracking-uri", f"http://127.0.0.1:{port}", *TINY)
+    one_line_error(result, f"http://127.0.0.1:{port}", "not reachable")
+    assert time.monotonic() - start < 10
+
+
+def test_resume_needs_a_run_folder(tmp_path):
+    one_line_error(invoke("train", "--resume"), "--resume needs --run-dir")
+    one_line_error(invoke("train", "--resume", "--run-dir", str(tmp_path / "none")), "nothing to resume")
+
+
+@pytest.mark.slow
+def test_train_then_extend_from_the_command_line(trainer_store, mlflow_db):
+    from mlflow import MlflowClient
+
+    from cellseg.tracking.runs import resolve_tracking_uri
+
+    first = invoke("train", "--data", str(trainer_store), "--seed", "1", "--config", str(_resnet18()),
+                   "--run-dir", "runs/a", "--register-as", "tiny", *TINY)
+    assert first.exit_code == 0, first.output
+    assert "epoch 2/2" in first.output and "registered: models:/tiny/1" in first.output
+    again = invoke("train", "--run-dir", "runs/a", "--resume", "--epochs", "2")
+    assert again.exit_code == 0, again.output
+    assert "epoch 3/3 (phase 3)" in again.output and "registered: models:/tiny/2" in again.output
+
+    client = MlflowClient(resolve_tracking_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("cellseg").experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "accuracy")] == [1, 2, 3]
+    assert run.data.params["train.epochs"] == "1" and run.data.tags["cellseg.resumed.train.epochs"] == "2"
+    assert client.get_registered_model("tiny").aliases == {"champion": 1, "challenger": 2}
+
+
+def _resnet18() -> Path:
+    path = Path("resnet18.yaml")
+    path.write_text("model:\n  encoder: resnet18\n")
+    return path
