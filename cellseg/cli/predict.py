@@ -1,7 +1,120 @@
-"""CLI: predict commands (to be implemented)."""
+"""CLI: ``cellseg predict`` (label masks + previews for stacks of any size) and ``cellseg evaluate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from cellseg.cli.models import TrackingUri
+
+ModelArg = Annotated[
+    str,
+    typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model, an MLflow model folder, "
+                        "a run folder or checkpoint_last.pt."),
+]
+Out = Annotated[Path, typer.Option("--out", help="Output folder.")]
+Codes = Annotated[str | None, typer.Option(help="Loading codes instead of the model's, e.g. 100,12,103.",
+                                           rich_help_panel="Input")]
+Strategy = Annotated[str | None, typer.Option(help="Named strategy instead of the model's codes.",
+                                              rich_help_panel="Input")]
+Tile = Annotated[int | None, typer.Option(help="Tile side in pixels (default: the model's training size).",
+                                          min=32, rich_help_panel="Tiling")]
+Overlap = Annotated[float, typer.Option(help="Fraction of a tile shared with its neighbours (blended).",
+                                        min=0.0, max=0.9, rich_help_panel="Tiling")]
+BatchSize = Annotated[int, typer.Option(help="Tiles per forward pass.", min=1, rich_help_panel="Tiling")]
+Seed = Annotated[int, typer.Option(help="Seed for random loading codes (one draw per image).",
+                                   rich_help_panel="Input")]
+Device = Annotated[str, typer.Option(help="auto, cpu or cuda.", rich_help_panel="Hardware")]
+
+
+def _load(model: str, device: str, tracking_uri: str | None):
+    from cellseg.engine.session import resolve_device
+    from cellseg.tracking.models import load_trained_model
+
+    return load_trained_model(model, device=resolve_device(device), tracking_uri=tracking_uri)
+
+
+def _check_device(device: str) -> None:
+    if device not in ("auto", "cpu", "cuda"):
+        from cellseg.errors import ConfigError
+
+        raise ConfigError(f"--device {device}: expected auto, cpu or cuda")
+
+
+def predict(
+    model: ModelArg,
+    images: Annotated[list[Path], typer.Argument(help="Stack TIFFs (any SPEC 2.1 arrangement), folders of them, "
+                                                      "or ingested Zarr stores.")],
+    out: Out,
+    codes: Codes = None,
+    strategy: Strategy = None,
+    tile: Tile = None,
+    overlap: Overlap = 0.25,
+    batch_size: BatchSize = 4,
+    seed: Seed = 0,
+    device: Device = "auto",
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Segment stacks of any size with sliding-window tiles blended where they overlap.
+
+    Writes OUT/masks/NAME.png (class index per pixel, same height and width as the input) and
+    OUT/overlays/NAME.png (the input with prediction outlines).
+    """
+    from cellseg.inference.predict import input_plan, iter_stacks, model_layout, predict_stacks
+
+    _check_device(device)
+    trained = _load(model, device, tracking_uri)
+    plan = input_plan(trained, codes, strategy)
+    stacks = iter_stacks(images, model_layout(trained), plan)
+    count = 0
+    for p in predict_stacks(trained, stacks, out, plan, tile, overlap, batch_size, seed):
+        count += 1
+        typer.echo(f"{p.name}: {p.height}x{p.width}, {100 * p.foreground_fraction:.1f}% cell, "
+                   f"{p.seconds:.2f} s -> {p.mask_path}")
+    typer.echo(f"{count} image(s) segmented with {trained.uri}: masks in {out / 'masks'}, "
+               f"previews in {out / 'overlays'}")
+
+
+def evaluate(
+    model: ModelArg,
+    data: Annotated[Path, typer.Option("--data", help="Ingested Zarr store with masks.")],
+    out: Out,
+    codes: Codes = None,
+    strategy: Strategy = None,
+    tile: Tile = None,
+    overlap: Overlap = 0.25,
+    batch_size: BatchSize = 4,
+    seed: Seed = 0,
+    overlays: Annotated[bool, typer.Option(help="Also write OUT/overlays/ID.png with truth and prediction.")] = False,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment when the model's own run is unknown.")] = "cellseg",
+    no_log: Annotated[bool, typer.Option("--no-log", help="Do not log the evaluation to MLflow.")] = False,
+    device: Device = "auto",
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Score a model on a store: per-stack and summary metrics (CSV + JSON in OUT), logged to MLflow."""
+    from cellseg.inference.evaluate import evaluate as run_evaluation
+    from cellseg.inference.evaluate import log_evaluation
+    from cellseg.inference.predict import input_plan
+
+    _check_device(device)
+    trained = _load(model, device, tracking_uri)
+    plan = input_plan(trained, codes, strategy)
+    result = run_evaluation(trained, data, out, plan, tile, overlap, batch_size, seed, overlays)
+    for row in result.summary.to_dict(orient="records"):
+        typer.echo(f"{row['scope']}: {row['stacks']} stacks, accuracy {row['accuracy']:.4f}, "
+                   f"background {row['background_accuracy']:.4f}, cell {row['cell_accuracy']:.4f}, "
+                   f"dice {row['dice']:.4f}, iou {row['iou']:.4f}")
+    typer.echo(f"tables in {out}")
+    if not no_log:
+        settings = {"codes": ",".join(str(c) for c in plan.codes), "tile": tile or trained.size,
+                    "overlap": overlap, "seed": seed}
+        run_id = log_evaluation(result, trained, settings, tracking_uri, experiment)
+        typer.echo(f"logged to MLflow run {run_id}")
+
 
 def register(app: typer.Typer) -> None:
-    """Attach this module's commands to the root app."""
+    """Attach ``predict`` and ``evaluate`` to the root app."""
+    app.command("predict")(predict)
+    app.command("evaluate")(evaluate)

@@ -86,6 +86,49 @@ SUBIMAGE_SCHEMA = pa.DataFrameSchema(
 SUBIMAGE_COLUMNS = list(SUBIMAGE_SCHEMA.columns)
 
 
+# --- evaluation tables (cellseg evaluate: OUT/per_stack.csv|json, OUT/summary.csv|json) -----------
+# Metrics as in training validation (engine/metrics.py); NaN where undefined (e.g. cell accuracy of
+# a cell-free control).
+
+_FRACTION = pa.Check.in_range(0.0, 1.0)
+_EVAL_METRICS = {
+    "loss": pa.Column(float, pa.Check.ge(0.0), nullable=True),
+    **{name: pa.Column(float, _FRACTION, nullable=True)
+       for name in ("accuracy", "background_accuracy", "cell_accuracy", "dice", "iou")},
+}
+
+EVAL_STACKS_SCHEMA = pa.DataFrameSchema(
+    {
+        "id": pa.Column(str, pa.Check.str_length(min_value=1), unique=True),
+        "height": pa.Column(int, pa.Check.gt(0)),
+        "width": pa.Column(int, pa.Check.gt(0)),
+        "negative": pa.Column(bool),
+        "foreground_fraction": pa.Column(float, _FRACTION),
+        "predicted_fraction": pa.Column(float, _FRACTION),
+        **_EVAL_METRICS,
+    },
+    strict=True,
+    ordered=True,
+    coerce=True,
+    name="evaluation per-stack",
+)
+EVAL_STACKS_COLUMNS = list(EVAL_STACKS_SCHEMA.columns)
+
+EVAL_SUMMARY_SCHEMA = pa.DataFrameSchema(
+    {
+        "scope": pa.Column(str, pa.Check.isin(["all", "cells", "negatives"]), unique=True),
+        "stacks": pa.Column(int, pa.Check.gt(0)),
+        "pixels": pa.Column(int, pa.Check.gt(0)),
+        **_EVAL_METRICS,
+    },
+    strict=True,
+    ordered=True,
+    coerce=True,
+    name="evaluation summary",
+)
+EVAL_SUMMARY_COLUMNS = list(EVAL_SUMMARY_SCHEMA.columns)
+
+
 # --- helpers ----------------------------------------------------------------------------------
 
 
