@@ -92,8 +92,10 @@ def start_mlflow_server(root: Path, timeout: float = 180.0) -> tuple[str, subpro
             "--artifacts-destination", str(root / "artifacts"),
             "--host", LOOPBACK, "--port", str(port), "--workers", "1",
         ]  # fmt: skip
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
+        with open(log, "wb") as out:  # own session: teardown stops mlflow's uvicorn child too
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True
+            )
         uri = f"http://{LOOPBACK}:{port}"
         deadline = time.monotonic() + timeout
         while proc.poll() is None and time.monotonic() < deadline:
