@@ -159,6 +159,21 @@ def test_normalise_matches_numpy_division():
     np.testing.assert_allclose(x, raw / maxima[..., None, None], rtol=1e-6)
 
 
+def test_combine_on_raw_intensities_matches_normalise_then_combine():
+    """The batch paths fold the division by the maxima into the weights and gather rows from storage."""
+    plan = resolve_codes([107, 111, 212, 110], TRAINER)
+    rng = np.random.default_rng(0)
+    storage = torch.from_numpy(rng.integers(0, 65535, (10, len(plan.needed_channels), 6, 5), dtype=np.uint16))
+    maxima = torch.from_numpy(storage.numpy().reshape(10, len(plan.needed_channels), -1).max(axis=2).astype(np.float32))
+    storage[3, 2], maxima[3, 2] = 0, 0.0  # an all-zero channel
+    rows = torch.tensor([3, 0, 7, 3])
+    index, weight = plan.draw(4, torch.Generator().manual_seed(0))
+    fused = plan.combine(storage, index, weight, maxima[rows], rows=rows)
+    separate = plan.combine(normalise(storage[rows], maxima[rows]), index, weight)
+    assert torch.isfinite(fused).all() and not fused[:, 3].any()
+    torch.testing.assert_close(fused, separate, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_apply_on_cuda_matches_cpu():
     plan = resolve_codes([107, 111, 212], TRAINER)

@@ -4,7 +4,8 @@ Reading the pages a sample needs costs milliseconds per sample and zarr-python a
 cost per chunk read, so per-sample loading, not the model, would set the pace. A store the size
 of the paper's fits in memory: the resident source loads the needed channels of the selected
 stacks once (resized to ``size``, kept as uint16) into RAM or onto the training device, and each
-batch is an index gather, a division by the stored maxima and the loading codes as tensor ops.
+batch is the loading codes as tensor ops: gather the planes the draws use, divide by the stored
+maxima, weight and sum (``CodePlan.combine``).
 A store that does not fit is streamed from Zarr by a DataLoader over the per-sample dataset.
 Both paths use dataset.py's resize and per-sample draws, so they yield identical batches.
 """
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cellseg.data.codes import CodePlan, normalise
+from cellseg.data.codes import CodePlan
 from cellseg.data.dataset import StackDataset, check_plan, epoch_order, resize_image, resize_mask, sample_generator
 from cellseg.data.store import Store, open_store
 from cellseg.errors import ConfigError
@@ -103,12 +104,16 @@ class ResidentBatches(_Batches):
             positions = order[start:start + self.batch_size]
             if self.drop_last and len(positions) < self.batch_size:
                 return
-            at = positions.to(self.images.device)
-            raw = self.images[at].to(self.device, non_blocking=True)
-            x = normalise(raw, self.maxima[positions])
             u = [self.plan.uniforms(1, sample_generator(self.seed, self.indices[p], epoch)) for p in positions.tolist()]
-            x = self.plan.combine(x, *self.plan.choices(np.concatenate(u)))
-            y = self.masks[at].to(self.device, non_blocking=True).long()
+            index, weight = self.plan.choices(np.concatenate(u))
+            maxima = self.maxima[positions]
+            at = positions.to(self.images.device)
+            if self.images.device == self.device:  # gather the planes the draws use straight from storage
+                x = self.plan.combine(self.images, index, weight, maxima, rows=at)
+            else:  # pinned RAM -> GPU: copy the batch's channels, build on the GPU
+                raw = self.images.index_select(0, at).to(self.device, non_blocking=True)
+                x = self.plan.combine(raw, index, weight, maxima)
+            y = self.masks.index_select(0, at).to(self.device, non_blocking=True).long()
             yield x, y
 
 
@@ -159,6 +164,8 @@ def make_batch_source(
     store = store if isinstance(store, Store) else open_store(store)
     check_plan(plan, store)
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # so storage and batches compare equal
     if residency not in ("auto", "ram", "device", "stream"):
         raise ConfigError(f"residency must be auto, ram, device or stream, got '{residency}'")
     if residency == "auto":

@@ -223,13 +223,47 @@ class CodePlan:
     def draw(self, batch: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.choices(self.uniforms(batch, generator))
 
-    def combine(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """(B, K, H, W) normalised channels + drawn choices -> (B, J, H, W) model input."""
-        b, _, h, w = x.shape
-        j_count, m_count = index.shape[1:]
-        rows = torch.arange(b, device=x.device)[:, None]
-        gathered = x[rows, index.to(x.device).reshape(b, -1)].reshape(b, j_count, m_count, h, w)
-        return (gathered * weight.to(x.device, x.dtype)[..., None, None]).sum(2)
+    @cached_property
+    def _terms(self) -> list[int]:
+        """How many gathered channels each input channel sums: all of a merge's, none for black, else 1."""
+        return [len(r.sources) if r.op == "merge" else 0 if r.op == "black" else 1 for r in self.recipes]
+
+    def combine(
+        self,
+        x: torch.Tensor,
+        index: torch.Tensor,
+        weight: torch.Tensor,
+        maxima: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Drawn choices applied to channels ``x`` (N, K, H, W) -> (B, J, H, W) float32 on x's device.
+
+        ``x`` holds normalised floats, or raw intensities (uint16) together with their ``maxima``
+        (B, K): the division is then folded into the weights, so only the planes a draw uses are
+        ever read and converted. ``rows`` (B,) picks the batch's samples from ``x`` (default: x is
+        the batch). Input channel j = sum over its terms m of weight[b, j, m] · x[rows[b], index[b, j, m]].
+        """
+        n, k, h, w = x.shape
+        device = x.device
+        index, weight = index.to(device), weight.to(device, torch.float32)
+        batch = index.shape[0]
+        if maxima is not None:
+            maxima = maxima.to(device, torch.float32).gather(1, index.flatten(1)).view_as(weight)
+            weight = torch.where(maxima > 0, weight / torch.where(maxima > 0, maxima, 1.0), 0.0)
+        rows = torch.arange(batch, device=device) if rows is None else rows.to(device)
+        planes = x.reshape(n * k, h, w)
+        first = rows * k
+        out = torch.empty(batch, self.in_channels, h, w, device=device)
+        for j, terms in enumerate(self._terms):
+            if terms == 0:
+                out[:, j].zero_()
+            for m in range(terms):
+                plane = planes.index_select(0, first + index[:, j, m]).to(torch.float32)
+                if m == 0:
+                    torch.mul(plane, weight[:, j, 0, None, None], out=out[:, j])
+                else:
+                    out[:, j].addcmul_(plane, weight[:, j, m, None, None])
+        return out
 
     def apply(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, len(needed_channels), H, W) normalised -> (B, in_channels, H, W), on x's device."""

@@ -3,7 +3,7 @@
 Used by notebooks, tests, ``cellseg codes render`` and the streaming batch path. Draws the
 loading codes with a generator seeded from (seed, stack index, epoch), so a sample's draw does
 not depend on which worker, batch or subset it is loaded in; then reads only the channels that
-draw uses, divides them by the maxima stored at ingest and combines them. The resident batch path (batches.py) reuses the
+draw uses and combines them, divided by the maxima stored at ingest (``CodePlan.combine``). The resident batch path (batches.py) reuses the
 same resize, normalise and draw, so both paths build identical inputs.
 """
 
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from cellseg.data.codes import CodePlan, normalise, resolve_codes
+from cellseg.data.codes import CodePlan, resolve_codes
 from cellseg.data.store import Store, open_store
 from cellseg.errors import ConfigError
 
@@ -121,10 +121,11 @@ class StackDataset(Dataset):
         raw, mask = self.store.read_image(index, channels), self.store.read_mask(index)
         if self.size is not None:
             raw, mask = resize_image(raw, self.size), resize_mask(mask, self.size)
-        x = normalise(torch.from_numpy(raw)[None], torch.from_numpy(self.store.channel_max[index, channels])[None])
+        maxima = torch.from_numpy(self.store.channel_max[index, channels])[None]
         compact = torch.zeros(len(self.plan.needed_channels), dtype=torch.int64)
         compact[used] = torch.arange(len(used))
-        return self.plan.combine(x, compact[where], weight)[0], torch.from_numpy(mask).long()
+        x = self.plan.combine(torch.from_numpy(raw)[None], compact[where], weight, maxima)
+        return x[0], torch.from_numpy(mask).long()
 
 
 def open_dataset(
