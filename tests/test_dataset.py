@@ -191,13 +191,23 @@ def test_batches_on_cuda_match_cpu(store_path, residency):
         assert torch.equal(yb.cpu(), ya)
 
 
-def test_round_trip_from_synthetic_data(request):
-    pytest.importorskip("cellseg.data.synth")
-    store_path = request.getfixturevalue("trainer_store")
-    ds = open_dataset(store_path, "merge_brightfield", size=32)
-    x, y = ds[0]
-    assert x.shape == (3, 32, 32) and torch.isfinite(x).all() and 0 <= x.min() and x.max() <= 1
-    assert set(torch.unique(y).tolist()) <= {0, 1}
+@pytest.mark.parametrize(
+    ("layout", "strategy"), [("trainer", "merge_brightfield"), ("test", "brightfield"), ("external", "ext_merge_brightfield")]
+)
+def test_synth_ingest_dataset_round_trip(tmp_path, layout, strategy):
+    from cellseg import data
+    from cellseg.data.ingest import ingest
+    from cellseg.data.synth import synthesize
+
+    synthesize(tmp_path / "raw", layout=layout, cells=1, negatives=1, size=48, seed=0)
+    ingest(tmp_path / "raw", tmp_path / "store.zarr", layout=layout)
+    ds = data.open_dataset(tmp_path / "store.zarr", strategy, size=32)
+    assert len(ds) == 2
+    for i in range(2):
+        x, y = ds[i]
+        assert x.shape == (3, 32, 32) and torch.isfinite(x).all() and 0 <= x.min() and x.max() <= 1
+        assert set(torch.unique(y).tolist()) <= {0, 1}
+    assert {int(ds[i][1].sum() > 0) for i in range(2)} == {0, 1}  # one cell stack, one negative control
 
 
 # --- CLI ------------------------------------------------------------------------------------------

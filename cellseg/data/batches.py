@@ -19,7 +19,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from cellseg.data.codes import CodePlan
 from cellseg.data.dataset import StackDataset, check_plan, epoch_order, resize_image, resize_mask, sample_generator
@@ -117,6 +117,19 @@ class ResidentBatches(_Batches):
             yield x, y
 
 
+class _EpochSampler(Sampler):
+    """The epoch's order as (position, epoch) keys: persistent workers then draw the right epoch."""
+
+    def __init__(self, batches: _Batches):
+        self.batches, self.epoch = batches, 0
+
+    def __len__(self) -> int:
+        return len(self.batches.indices)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((p, self.epoch) for p in self.batches._order(self.epoch).tolist())
+
+
 class StreamingBatches(_Batches):
     """Batches read from Zarr per sample by DataLoader workers (for stores that do not fit)."""
 
@@ -126,19 +139,20 @@ class StreamingBatches(_Batches):
                  num_workers: int):
         super().__init__(indices, plan, batch_size, device, seed, shuffle, drop_last)
         self.dataset = StackDataset(store.path, plan, self.indices, size, seed)
-        self.num_workers = num_workers
+        self.sampler = _EpochSampler(self)
+        self.loader = DataLoader(
+            self.dataset,
+            batch_size=batch_size,
+            sampler=self.sampler,
+            drop_last=drop_last,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,  # started once, not every epoch
+            pin_memory=device.type == "cuda",
+        )
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self.dataset.set_epoch(epoch)  # workers are started per epoch and receive this copy
-        loader = DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            sampler=self._order(epoch).tolist(),
-            drop_last=self.drop_last,
-            num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda",
-        )
-        for x, y in loader:
+        self.sampler.epoch = epoch
+        for x, y in self.loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 

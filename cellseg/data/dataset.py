@@ -111,10 +111,14 @@ class StackDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw first, then read only the channels the draw uses (a random code reads one of its list)."""
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample ``key`` (a position, or (position, epoch) as the streaming sampler passes it).
+
+        Draws first, then reads only the channels the draw uses (a random code reads one of its list).
+        """
+        position, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         index = self.indices[position]
-        where, weight = self.plan.draw(1, sample_generator(self.seed, index, self.epoch))
+        where, weight = self.plan.draw(1, sample_generator(self.seed, index, epoch))
         used = torch.unique(where[weight != 0])
         used = used if len(used) else torch.zeros(1, dtype=torch.int64)  # all black: still need H, W
         channels = [self.plan.needed_channels[k] for k in used.tolist()]
