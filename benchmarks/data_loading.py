@@ -149,19 +149,20 @@ def main(argv: list[str] | None = None) -> dict:
         indices = list(range(len(store)))
         common = {"indices": indices, "plan": plan, "size": args.size, "batch_size": args.batch,
                   "seed": args.seed, "drop_last": True}
+
+        def cellseg(device: str, residency: str, workers: int = 0) -> Callable[[], object]:
+            return lambda: make_batch_source(store, device=device, residency=residency, num_workers=workers, **common)
+
         methods: list[tuple[str, Callable[[], object], bool]] = [
             ("baseline: TIFF per sample, numpy", lambda: Baseline(root, store.ids, plan, args.batch, args.seed), False),
-            ("stream: Zarr, 0 workers", lambda: make_batch_source(store, device="cpu", residency="stream", **common), False),
-            (f"stream: Zarr, {args.workers} workers",
-             lambda: make_batch_source(store, device="cpu", residency="stream", num_workers=args.workers, **common), False),
-            ("resident: RAM, built on CPU", lambda: make_batch_source(store, device="cpu", residency="ram", **common), False),
+            ("stream: Zarr, 0 workers", cellseg("cpu", "stream"), False),
+            (f"stream: Zarr, {args.workers} workers", cellseg("cpu", "stream", args.workers), False),
+            ("resident: RAM, built on CPU", cellseg("cpu", "ram"), False),
         ]
         if torch.cuda.is_available():
             methods += [
-                ("resident: pinned RAM, built on GPU",
-                 lambda: make_batch_source(store, device="cuda", residency="ram", **common), True),
-                ("resident: GPU memory, built on GPU",
-                 lambda: make_batch_source(store, device="cuda", residency="device", **common), True),
+                ("resident: pinned RAM, built on GPU", cellseg("cuda", "ram"), True),
+                ("resident: GPU memory, built on GPU", cellseg("cuda", "device"), True),
             ]
         sources, results = [], []
         for name, make, sync in methods:

@@ -70,13 +70,17 @@ def test_dataset_reads_only_the_channels_its_draw_uses(store_path, monkeypatch):
     assert ds.plan.needed_channels == [9, 10, 11, 12, 13, 14, 15]
     seen = []
     original = ds.store.read_image
-    monkeypatch.setattr(ds.store, "read_image", lambda i, channels=None: seen.append(list(channels)) or original(i, channels))
+
+    def spy(store):
+        monkeypatch.setattr(store, "read_image", lambda i, channels=None: seen.append(list(channels)) or original(i, channels))
+
+    spy(ds.store)
     ds[1]
     low, mid, high = seen[0]
     assert low in (9, 10, 11) and mid == 12 and high in (13, 14, 15)
     seen.clear()
     dropped = open_dataset(store_path, [203, 212], channel_dropout=1.0)
-    monkeypatch.setattr(dropped.store, "read_image", lambda i, channels=None: seen.append(list(channels)) or original(i, channels))
+    spy(dropped.store)
     assert not dropped[1][0].any() and seen == [[3]]  # all black: one channel read for the size
 
 
@@ -192,7 +196,8 @@ def test_batches_on_cuda_match_cpu(store_path, residency):
 
 
 @pytest.mark.parametrize(
-    ("layout", "strategy"), [("trainer", "merge_brightfield"), ("test", "brightfield"), ("external", "ext_merge_brightfield")]
+    ("layout", "strategy"),
+    [("trainer", "merge_brightfield"), ("test", "brightfield"), ("external", "ext_merge_brightfield")],
 )
 def test_synth_ingest_dataset_round_trip(tmp_path, layout, strategy):
     from cellseg import data

@@ -41,14 +41,19 @@ def _code_rows(layout_name: str | None) -> list[dict]:
 
 
 def _strategy_rows(layout_name: str | None) -> list[dict]:
-    from cellseg.data.codes import INDEXED_LAYOUT, load_strategy_defs
+    """Named strategies; with a layout, only those that resolve for it."""
+    from cellseg.data.codes import load_strategy_defs, resolve_codes
     from cellseg.data.layouts import load_layout
+    from cellseg.errors import ConfigError
 
     layout = load_layout(layout_name) if layout_name else None
     rows = []
     for name, strategy in load_strategy_defs().items():
-        if layout is not None and layout.name != INDEXED_LAYOUT and strategy.layouts and layout.name not in strategy.layouts:
-            continue
+        if layout is not None:
+            try:
+                resolve_codes(name, layout)
+            except ConfigError:
+                continue
         rows.append({"name": name, "codes": strategy.codes, "layouts": strategy.layouts,
                      "description": strategy.description})
     return rows
@@ -64,7 +69,7 @@ def _probability_text(value: bool | float) -> str:
 def list_cmd(
     layout: Annotated[
         str | None,
-        typer.Option(help="Show only the codes and strategies usable with this layout (name or YAML), channels by name."),
+        typer.Option(help="Only the codes and strategies usable with this layout (name or YAML); channels by name."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print codes and strategies as JSON.")] = False,
 ) -> None:

@@ -221,6 +221,7 @@ class CodePlan:
         return torch.from_numpy(index), torch.from_numpy(weight)
 
     def draw(self, batch: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One random draw for ``batch`` samples: (index, weight) for ``combine``."""
         return self.choices(self.uniforms(batch, generator))
 
     @cached_property

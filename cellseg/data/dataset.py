@@ -3,8 +3,9 @@
 Used by notebooks, tests, ``cellseg codes render`` and the streaming batch path. Draws the
 loading codes with a generator seeded from (seed, stack index, epoch), so a sample's draw does
 not depend on which worker, batch or subset it is loaded in; then reads only the channels that
-draw uses and combines them, divided by the maxima stored at ingest (``CodePlan.combine``). The resident batch path (batches.py) reuses the
-same resize, normalise and draw, so both paths build identical inputs.
+draw uses and combines them, divided by the maxima stored at ingest (``CodePlan.combine``).
+The resident batch path (batches.py) reuses the same resize, draw and combine, so both paths
+build identical inputs.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
 
 def check_plan(plan: CodePlan, store: Store) -> None:
     """A plan resolved for another layout would read the wrong channels: refuse it."""
-    if plan.layout != store.layout:
+    if (plan.layout.name, plan.layout.channel_names) != (store.layout.name, store.layout.channel_names):
         raise ConfigError(
             f"loading codes {plan.codes} were resolved for layout '{plan.layout.name}', "
             f"but store {store.path} has layout '{store.layout.name}'"
