@@ -67,6 +67,19 @@ def check_tracking_uri(uri: str, timeout: float = CHECK_TIMEOUT_S) -> None:
             raise TrackingError(f"--tracking-uri {uri}: folder {folder} does not exist")
 
 
+def experiment_id(client, name: str) -> str:
+    """Id of experiment ``name``, created when missing (a parallel process may create it meanwhile)."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:
+        return client.get_experiment_by_name(name).experiment_id
+
+
 def registered_name(register_as: str | None, strategy: str | None) -> str:
     """``--register-as`` or ``cellseg-<strategy>`` (``cellseg-custom`` for explicit codes)."""
     return register_as or f"cellseg-{strategy or 'custom'}"
@@ -156,15 +169,7 @@ class MlflowCallback:
 
     # --- helpers -----------------------------------------------------------------------------------
     def _experiment_id(self) -> str:
-        from mlflow.exceptions import MlflowException
-
-        found = self.client.get_experiment_by_name(self.experiment)
-        if found is not None:
-            return found.experiment_id
-        try:
-            return self.client.create_experiment(self.experiment)
-        except MlflowException:  # created meanwhile by a parallel process
-            return self.client.get_experiment_by_name(self.experiment).experiment_id
+        return experiment_id(self.client, self.experiment)
 
     def _reopen(self) -> bool:
         from mlflow.exceptions import MlflowException
