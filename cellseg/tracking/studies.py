@@ -118,3 +118,33 @@ def _terminate(run: TrackedRun, status: str) -> None:
         run.client.set_terminated(run.run_id, status)
     except Exception as err:  # noqa: BLE001 — already failing; do not mask the cause
         log.warning("MLflow: could not mark run %s as %s (%s)", run.run_id, status, _one_line(err))
+
+
+def shared_run_id(name: str, kind: str, key: str, tracking_uri: str | None = None,
+                  experiment: str = "cellseg") -> str:
+    """Id of THE run tagged ``cellseg.kind=kind`` and ``key=name`` (e.g. a study's parent run, which
+    every worker and every later invocation continues), created when there is none. Processes that
+    race to create it agree on one: each re-reads after creating, the oldest run wins and the others
+    delete their own. Pass the id to ``tracked_run(run_id=...)``."""
+    from mlflow import MlflowClient
+
+    uri = resolve_tracking_uri(tracking_uri)
+    check_tracking_uri(uri)
+    with _tracking_errors(f"MLflow at {uri}"):
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        exp = experiment_id(client, experiment)
+        found = _tagged(client, exp, kind, key, name)
+        if found:
+            return found[0]
+        ours = client.create_run(exp, run_name=name, tags={KIND_TAG: kind, key: name}).info.run_id
+        winner = _tagged(client, exp, kind, key, name)[0]
+        if winner != ours:
+            client.delete_run(ours)
+        return winner
+
+
+def _tagged(client, experiment_id: str, kind: str, key: str, value: str) -> list[str]:
+    """Ids of the active runs with both tags, oldest first (ties broken by id, the same for everyone)."""
+    runs = client.search_runs([experiment_id], max_results=1000,
+                              filter_string=f"tags.`{KIND_TAG}` = '{kind}' AND tags.`{key}` = '{value}'")
+    return [r.info.run_id for r in sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))]
