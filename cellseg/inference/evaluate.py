@@ -143,6 +143,8 @@ def log_evaluation(evaluation: Evaluation, trained: TrainedModel, settings: dict
                 "cellseg.data_hash": evaluation.content_hash}
         if trained.run_id:
             tags["cellseg.model_run_id"] = trained.run_id
+        if trained.model_id:  # immutable, unlike an alias in the URI
+            tags["cellseg.model_id"] = trained.model_id
         metrics = {}
         for row in evaluation.summary.to_dict(orient="records"):
             prefix = "eval" if row["scope"] == "all" else f"eval_{row['scope']}"

@@ -53,7 +53,7 @@ def tiles(height: int, width: int, tile: int, overlap: float) -> list[tuple[int,
     return [(y, x, th, tw) for y in tile_starts(height, th, overlap) for x in tile_starts(width, tw, overlap)]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_tiled(
     model: Callable[[torch.Tensor], torch.Tensor],
     image: torch.Tensor,
@@ -65,7 +65,7 @@ def predict_tiled(
     """Class probabilities (num_classes, H, W), float32 on ``device``, for a (C, H, W) image.
 
     Tiles are cut from ``image`` (wherever it lives), run in batches of ``batch_size`` on ``device``
-    (bf16 autocast on CUDA) and blended there.
+    (channels-last; bf16 autocast on CUDA) and blended there.
     """
     device = torch.device(device)
     _, height, width = image.shape
@@ -78,8 +78,7 @@ def predict_tiled(
     for start in range(0, len(windows), batch_size):
         batch = windows[start : start + batch_size]
         x = torch.stack([image[:, y : y + th, x0 : x0 + tw] for y, x0, _, _ in batch]).to(device, torch.float32)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
         with autocast:
             logits = model(x)
         p = torch.softmax(logits.float(), dim=1) * weight
