@@ -104,6 +104,19 @@ def test_local_weights_load_into_encoder(tmp_path):
     assert torch.equal(model.encoder.layer4[1].bn2.running_var, state["layer4.1.bn2.running_var"])
 
 
+def test_local_weights_from_torchvision_and_safetensors(tmp_path):
+    from safetensors.torch import save_file
+    from torchvision.models import resnet18
+
+    state = resnet18().state_dict()
+    torch.save({"state_dict": state}, tmp_path / "tv.pth")
+    model = build_model("resnet18", encoder_weights=tmp_path / "tv.pth")
+    assert torch.equal(model.encoder.layer3[0].downsample[0].weight, state["layer3.0.downsample.0.weight"])
+    save_file(state, tmp_path / "tv.safetensors")
+    model = build_model("resnet18", encoder_weights=tmp_path / "tv.safetensors")
+    assert torch.equal(model.encoder.conv1.weight, state["conv1.weight"])
+
+
 def test_local_weights_adapt_the_first_conv(tmp_path):
     state = _save_timm_weights(tmp_path / "r18.pth")
     rgb = state["conv1.weight"]

@@ -1,7 +1,8 @@
 """Load a local encoder weights file (e.g. ImageNet resnet34) into a timm features_only encoder.
 
 Never downloads. Accepts a plain state dict (timm or torchvision naming; classifier tensors are
-ignored) or a checkpoint holding one under ``state_dict``/``model``. An input convolution trained on
+ignored) saved by ``torch.save`` or as ``.safetensors`` (timm's cached hub files), or a checkpoint
+holding one under ``state_dict``/``model``. An input convolution trained on
 3 channels is adapted to the model's channel count.
 """
 
@@ -35,6 +36,10 @@ def _key(name: str) -> str:
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path, device="cpu")
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
         raise ConfigError(f"encoder weights {path}: not a PyTorch weights file ({type(exc).__name__})") from None
