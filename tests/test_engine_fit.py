@@ -151,3 +151,19 @@ def test_refuses_to_overwrite_or_to_resume_a_different_run(trainer_store, tmp_pa
     with pytest.raises(ConfigError, match=r"train.lr \(0.001 -> 0.01\)"):
         fit(tiny_config(trainer_store, **{"train.epochs": 0, "train.lr": 0.01}), run, resume=True)
     assert (run / "checkpoint_last.pt").read_bytes() == before
+
+
+def test_a_logging_failure_mid_training_loses_nothing(trainer_store, mlflow_db, tmp_path, caplog):
+    callback = MlflowCallback(log_model=False)
+
+    class BreakTrackingAfterStart:
+        def on_fit_start(self, session):
+            def down(*args, **kwargs):
+                raise ConnectionError("tracking server went away")
+
+            callback.client.log_batch = down
+
+    result = fit(tiny_config(trainer_store), tmp_path / "run", callbacks=[callback, BreakTrackingAfterStart()])
+    assert len(result.history) == 2
+    assert load_checkpoint(tmp_path / "run")["epoch"] == 2
+    assert "could not log epoch 1" in caplog.text and "training continues" in caplog.text

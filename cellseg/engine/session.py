@@ -58,6 +58,9 @@ class TrainingSession:
         if data.store is None:
             raise ConfigError("no training data: pass --data STORE (or set data.store in the config)")
         self.device = resolve_device(train.device)
+        if self.cuda:  # fastest kernels for the fixed training size; bitwise GPU repeats are not promised
+            torch.backends.cudnn.benchmark = True
+            torch.set_float32_matmul_precision("high")
         seed_everything(config.seed)
         self.store = open_store(data.store)
         if len(self.store.classes) != config.model.num_classes:
@@ -95,6 +98,7 @@ class TrainingSession:
 
     @property
     def cuda(self) -> bool:
+        """On CUDA: bf16 autocast and channels-last (on the CPU, channels-last trains ~1.5x slower)."""
         return self.device.type == "cuda"
 
     def _existing_split(self) -> Split | None:
