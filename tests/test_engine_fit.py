@@ -3,24 +3,29 @@ resume equivalence, extending a finished run, init-from, and clear errors that l
 
 from __future__ import annotations
 
+import io
 import json
+import re
 
 import pytest
 import torch
+from rich.console import Console
 
 from cellseg.config import load_config
 from cellseg.data.store import open_store
 from cellseg.engine.checkpoint import load_checkpoint
 from cellseg.engine.loop import fit
+from cellseg.engine.progress import ProgressCallback
 from cellseg.errors import BadInputError, ConfigError
 from cellseg.tracking.runs import MlflowCallback
 
 pytestmark = pytest.mark.slow
+SMALL_ENCODER = "mobilenetv3_small_050"  # resnet34's U-Net works the same, 10x the parameters
 
 
 def tiny_config(store, **overrides):
-    """resnet18 at the store's 64 px, batch 2: about a second per epoch on one CPU thread."""
-    base = {"data.store": str(store), "data.size": 64, "model.encoder": "resnet18", "train.batch_size": 2,
+    """A small timm encoder (4.3 M parameters, 50 MB checkpoints) at the store's 64 px, batch 2."""
+    base = {"data.store": str(store), "data.size": 64, "model.encoder": SMALL_ENCODER, "train.batch_size": 2,
             "train.epochs_frozen": 1, "train.epochs": 1, "train.device": "cpu", "seed": 3}
     return load_config(overrides={**base, **overrides})
 
@@ -53,7 +58,11 @@ def test_fit_logs_run_metrics_and_registers_a_model(trainer_store, mlflow_db, tm
     from mlflow import MlflowClient
 
     callback = MlflowCallback(experiment="engine-test")
-    result = fit(tiny_config(trainer_store), tmp_path / "run", callbacks=[callback])
+    terminal = io.StringIO()
+    progress = ProgressCallback(Console(file=terminal, force_terminal=True, width=150))
+    result = fit(tiny_config(trainer_store), tmp_path / "run", callbacks=[callback, progress])
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", terminal.getvalue())  # the live bars, without ANSI codes
+    assert "epochs" in shown and "batches" in shown and "epoch 2/2 (phase 2)" in shown
 
     assert [h["epoch"] for h in result.history] == [1, 2] and [h["phase"] for h in result.history] == [1, 2]
     assert {"train_loss", "val_loss", "accuracy", "background_accuracy", "cell_accuracy", "dice", "iou", "lr"} <= set(result.final)
@@ -81,6 +90,16 @@ def test_fit_logs_run_metrics_and_registers_a_model(trainer_store, mlflow_db, tm
     loaded = mlflow.pytorch.load_model("models:/cellseg-fluorescence/1")
     x = torch.rand(1, 3, 96, 80)  # any size, not only the training size
     assert torch.allclose(loaded.eval()(x), result.model.eval()(x), atol=1e-5)
+
+    seen = {}
+
+    class Capture:
+        def on_fit_start(self, session):
+            seen.update(session.model.state_dict())
+
+    no_epochs = tiny_config(trainer_store, **{"train.epochs_frozen": 0, "train.epochs": 0})
+    fit(no_epochs, tmp_path / "from-registry", init_from="models:/cellseg-fluorescence@champion", callbacks=[Capture()])
+    assert all(torch.equal(seen[k], v) for k, v in result.model.state_dict().items())
 
 
 def test_resume_reaches_the_uninterrupted_result(trainer_store, mlflow_db, tmp_path):

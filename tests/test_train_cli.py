@@ -98,7 +98,7 @@ def test_train_then_extend_from_the_command_line(trainer_store, mlflow_db):
 
     from cellseg.tracking.runs import resolve_tracking_uri
 
-    first = invoke("train", "--data", str(trainer_store), "--seed", "1", "--config", str(_resnet18()),
+    first = invoke("train", "--data", str(trainer_store), "--seed", "1", "--config", str(_small_encoder()),
                    "--run-dir", "runs/a", "--register-as", "tiny", *TINY)
     assert first.exit_code == 0, first.output
     assert "epoch 2/2" in first.output and "registered: models:/tiny/1" in first.output
@@ -113,7 +113,7 @@ def test_train_then_extend_from_the_command_line(trainer_store, mlflow_db):
     assert client.get_registered_model("tiny").aliases == {"champion": 1, "challenger": 2}
 
 
-def _resnet18() -> Path:
-    path = Path("resnet18.yaml")
-    path.write_text("model:\n  encoder: resnet18\n")
+def _small_encoder() -> Path:
+    path = Path("small.yaml")
+    path.write_text("model:\n  encoder: mobilenetv3_small_050\n")
     return path
