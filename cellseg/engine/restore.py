@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from cellseg.config import Config
 from cellseg.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint
@@ -24,7 +25,11 @@ RESUMABLE_PREFIXES = ("tracking.",)
 
 def check_resume_config(saved: dict[str, Any], config: Config) -> None:
     """ConfigError naming the keys (other than the resumable ones) that differ from the checkpoint's."""
-    old = Config.model_validate(saved).flat()
+    try:
+        old = Config.model_validate(saved).flat()
+    except ValidationError:
+        raise ConfigError("--resume: the checkpoint's config does not fit this cellseg version; "
+                          "start a new run with --init-from it") from None
     new = config.flat()
     changed = [
         key for key in sorted(set(old) | set(new))
