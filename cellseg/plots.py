@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from cellseg.fileio import atomic_path  # noqa: E402
 
@@ -62,5 +62,86 @@ def image_grid(images: Sequence[np.ndarray], titles: Sequence[str] = (), columns
     for ax, image, title in zip(axes.flat, images, list(titles) + [""] * len(images)):
         ax.imshow(image)
         ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def lr_finder(curves: Sequence[dict[str, Any]], rule: str = "") -> plt.Figure:
+    """Smoothed loss relative to its minimum vs learning rate (log axis), one line per strategy, the
+    suggested learning rate marked — the seed's "Learning Rate Finder" figure."""
+    fig, ax = plt.subplots(figsize=(6.4, 5.2))
+    top = 1.0
+    for curve in curves:
+        lrs, loss = np.asarray(curve["lrs"], float), np.asarray(curve["smoothed"], float)
+        if not len(loss):
+            continue
+        relative = loss / np.nanmin(loss)
+        top = max(top, float(np.nanmax(relative)))
+        suggestion = curve.get("suggestion")
+        label = curve["strategy"] + (f" (suggested {suggestion:.1e})" if suggestion else " (no suggestion)")
+        (line,) = ax.plot(lrs, relative, label=label, lw=1.4)
+        if suggestion:
+            at = int(np.argmin(np.abs(np.log(lrs) - np.log(suggestion))))
+            ax.plot(lrs[at], relative[at], "o", color=line.get_color(), ms=7, mfc="none", mew=1.6)
+    ax.set_xscale("log")
+    ax.set_ylim(0.95, min(top * 1.05, 4.0) if top > 1.0 else 1.5)
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("relative loss (smoothed / minimum)")
+    ax.set_title("Learning rate finder")
+    if rule:
+        ax.text(0.01, -0.16, f"o suggestion: {rule}", transform=ax.transAxes, fontsize=7, color="dimgrey")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both", lw=0.5)
+    fig.tight_layout()
+    return fig
+
+
+ERROR_CURVES = (("wrong_background", "background", "o-", "#9b0d4f"), ("wrong_cell", "cell", "s-", "#0b1b7f"),
+                ("wrong_overall", "overall", "^--", "grey"))
+
+
+def error_fractions(rows: Sequence[dict[str, Any]], xlabel: str) -> plt.Figure:
+    """Fraction of wrongly classified background, cell and all pixels vs a weight on a log axis —
+    the seed's cross-entropy penalty trade-off figure."""
+    rows = sorted(rows, key=lambda r: r["weight"])
+    weights = [r["weight"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for key, label, style, colour in ERROR_CURVES:
+        ax.plot(weights, [r[key] for r in rows], style, label=label, color=colour, ms=7, lw=1.6)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("fraction of incorrect pixels")
+    ax.set_title("Cross-entropy class weight")
+    ax.legend(frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    ax.grid(alpha=0.3, which="major")
+    fig.tight_layout()
+    return fig
+
+
+def image_table(images: Sequence[Sequence[np.ndarray]], column_titles: Sequence[str],
+                captions: Sequence[Sequence[str]] = (), row_titles: Sequence[str] = (),
+                heading: str = "") -> plt.Figure:
+    """RGB images in rows (e.g. one stack each) and columns (e.g. one model each), titled per column,
+    with a caption under each image — the layout of the seed's cross-entropy penalty figure."""
+    rows, columns = len(images), max(len(r) for r in images)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.8 * rows), squeeze=False)
+    for r, row in enumerate(images):
+        for c, ax in enumerate(axes[r]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(row):
+                ax.axis("off")
+                continue
+            ax.imshow(row[c])
+            if r == 0 and c < len(column_titles):
+                ax.set_title(column_titles[c], fontsize=10)
+            caption = captions[r][c] if r < len(captions) and c < len(captions[r]) else ""
+            ax.set_xlabel(caption, fontsize=9)
+        if r < len(row_titles):
+            axes[r][0].set_ylabel(row_titles[r], fontsize=8)
+    if heading:
+        fig.suptitle(heading, fontsize=11)
     fig.tight_layout()
     return fig

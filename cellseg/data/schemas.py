@@ -129,6 +129,32 @@ EVAL_SUMMARY_SCHEMA = pa.DataFrameSchema(
 EVAL_SUMMARY_COLUMNS = list(EVAL_SUMMARY_SCHEMA.columns)
 
 
+# --- CE-weight sweep (cellseg sweep-ce: DIR/sweep_ce.csv) -----------------------------------------
+# One row per weight w (ce_weights = [1, w]): final validation metrics of that weight's model and the
+# fractions of wrong background / cell / all pixels (1 - the matching accuracy); NaN where a class is
+# absent from the validation split.
+
+SWEEP_CE_SCHEMA = pa.DataFrameSchema(
+    {
+        "weight": pa.Column(float, pa.Check.gt(0.0), unique=True),
+        "strategy": pa.Column(str, pa.Check.str_length(min_value=1)),
+        **{name: pa.Column(float, _FRACTION, nullable=True)
+           for name in ("wrong_background", "wrong_cell", "wrong_overall", "accuracy", "background_accuracy",
+                        "cell_accuracy", "dice", "iou")},
+        "val_loss": pa.Column(float, pa.Check.ge(0.0), nullable=True),
+        "peak_accuracy": pa.Column(float, _FRACTION, nullable=True),
+        "epochs": pa.Column(int, pa.Check.ge(0)),
+        "run_id": pa.Column(str, nullable=True),  # the child MLflow run (empty when not tracked)
+        "run_dir": pa.Column(str, pa.Check.str_length(min_value=1)),
+    },
+    strict=True,
+    ordered=True,
+    coerce=True,
+    name="CE-weight sweep",
+)
+SWEEP_CE_COLUMNS = list(SWEEP_CE_SCHEMA.columns)
+
+
 # --- helpers ----------------------------------------------------------------------------------
 
 

@@ -1,0 +1,315 @@
+"""Learning-rate finder (Smith 2015, fastai's ``lr_find``): train a few batches while the learning
+rate grows exponentially, watch the loss, and suggest where to train.
+
+What is swept: by default the **phase-1 model** — encoder frozen (batch norm trainable), every
+parameter group at the same rate — as fastai's ``learn.lr_find()`` before ``fit_one_cycle`` did in
+the seed notebook, so the suggestion is a value for ``train.lr``. With ``unfrozen=True`` the whole
+model is swept with phase 2's discriminative rates (``lr / lr_div_first`` … ``lr / lr_div_head``),
+the x axis still being ``train.lr``.
+
+Each step is the engine's own ``TrainingSession.train_step`` on the engine's augmented training
+batches, with AdamW as in training. The sweep stops early when the smoothed loss exceeds
+``diverge`` × its minimum or becomes non-finite. The loss is smoothed by an exponential moving
+average with bias correction (``beta`` 0.98, as fastai). Suggestion rules (both are reported):
+``steepest`` — the learning rate where the smoothed loss falls fastest per decade, searched between
+the first points and the minimum; ``minimum`` — the learning rate of the minimum smoothed loss / 10.
+
+``find_lr`` leaves the session as it found it: model weights and buffers, which parameters are
+trainable, train/eval mode, and every random generator are restored afterwards, and the sweep's
+optimizer is its own (the session's optimizer, if any, is never stepped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import json
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cellseg.config import Config
+from cellseg.engine.checkpoint import rng_state, set_rng_state
+from cellseg.engine.loop import _json_safe  # NaN -> null, as metrics.json
+from cellseg.engine.schedule import Cycle, make_optimizer, peak_lrs, set_encoder_frozen
+from cellseg.engine.session import TrainingSession
+from cellseg.errors import ConfigError
+from cellseg.experiments.inputs import check_inputs
+from cellseg.fileio import write_text
+
+START_LR, END_LR, STEPS = 1e-7, 10.0, 100
+DIVERGE = 4.0
+BETA = 0.98
+RULES = {
+    "steepest": "steepest descent of the smoothed loss (most negative slope per decade, before its minimum)",
+    "minimum": "learning rate at the minimum of the smoothed loss, divided by 10",
+}
+PNG_NAME, JSON_NAME = "lr_find.png", "lr_find.json"
+
+
+@dataclass
+class LrCurve:
+    """One sweep: learning rates tried, raw and smoothed losses, the suggestion and why."""
+
+    strategy: str
+    lrs: list[float]
+    losses: list[float]
+    smoothed: list[float]
+    stopped: str  # "end of sweep", "diverged" or "non-finite loss"
+    suggestions: dict[str, float | None] = field(default_factory=dict)
+    rule: str = "steepest"
+
+    @property
+    def suggestion(self) -> float | None:
+        return self.suggestions.get(self.rule)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "suggestion": self.suggestion, "rule_text": RULES[self.rule]}
+
+
+@dataclass
+class LrFindResult:
+    curves: list[LrCurve]
+    png: Path
+    json: Path
+    run_id: str | None = None
+
+
+def lr_schedule(start: float, end: float, steps: int) -> np.ndarray:
+    """``steps`` learning rates growing geometrically from ``start`` to ``end``."""
+    if not 0 < start < end:
+        raise ConfigError(f"--start-lr {start:g} / --end-lr {end:g}: need 0 < start < end")
+    if steps < 2:
+        raise ConfigError(f"--steps {steps}: need at least 2 steps")
+    return start * (end / start) ** (np.arange(steps) / (steps - 1))
+
+
+def smooth(losses: Sequence[float], beta: float = BETA) -> list[float]:
+    """Bias-corrected exponential moving average (so early points are not pulled towards zero)."""
+    avg, out = 0.0, []
+    for i, loss in enumerate(losses):
+        avg = beta * avg + (1 - beta) * loss
+        out.append(avg / (1 - beta ** (i + 1)))
+    return out
+
+
+def suggest(lrs: Sequence[float], smoothed: Sequence[float]) -> dict[str, float | None]:
+    """Learning rate per rule of ``RULES`` (None when the sweep is too short to say)."""
+    lrs_arr, loss = np.asarray(lrs, dtype=float), np.asarray(smoothed, dtype=float)
+    if len(loss) < 3 or not np.isfinite(loss).any():
+        return {rule: None for rule in RULES}
+    best = int(np.nanargmin(loss))
+    skip = min(10, len(loss) // 10)  # the first points are noise around the initial loss (fastai skips 10)
+    lo, hi = min(skip, max(best - 1, 0)), best + 1
+    steepest = None
+    if hi - lo >= 3:  # the slope at the minimum itself is one-sided, so it is not a candidate
+        slope = np.gradient(loss[lo:hi], np.log10(lrs_arr[lo:hi]))[:-1]
+        steepest = float(lrs_arr[lo + int(np.argmin(slope))])
+    return {"steepest": steepest, "minimum": float(lrs_arr[best] / 10)}
+
+
+@contextlib.contextmanager
+def preserved(session: TrainingSession) -> Iterator[None]:
+    """Restore the session's model (weights, buffers, trainable flags, mode) and all RNGs on exit."""
+    model = session.model
+    state = copy.deepcopy(model.state_dict())
+    trainable = [p.requires_grad for p in model.parameters()]
+    training = model.training
+    rng = rng_state()
+    try:
+        yield
+    finally:
+        model.load_state_dict(state)
+        for param, flag in zip(model.parameters(), trainable, strict=True):
+            param.requires_grad_(flag)
+            param.grad = None
+        model.train(training)
+        set_rng_state(rng)
+
+
+def find_lr(
+    session: TrainingSession,
+    start_lr: float = START_LR,
+    end_lr: float = END_LR,
+    steps: int = STEPS,
+    unfrozen: bool = False,
+    diverge: float = DIVERGE,
+    beta: float = BETA,
+    rule: str = "steepest",
+    on_step: Callable[[int, float, float], None] | None = None,
+) -> LrCurve:
+    """Sweep ``session``'s model (see module doc) and return the curve; the session is left unchanged.
+
+    ``on_step(i, lr, loss)`` is called after every step (progress display).
+    """
+    if rule not in RULES:
+        raise ConfigError(f"--rule {rule}: unknown rule (known: {', '.join(RULES)})")
+    schedule = lr_schedule(start_lr, end_lr, steps)
+    if len(session.train_source) == 0:
+        raise ConfigError(f"{session.config.data.store}: fewer training stacks than one batch "
+                          f"(--batch-size {session.config.train.batch_size})")
+    train = session.config.train
+    n_groups = len(session.model.param_groups())
+    cycle = Cycle(2 if unfrozen else 1, 1)
+    ratios = [lr / train.lr for lr in peak_lrs(cycle, train, n_groups)]  # 1 for every group when frozen
+    lrs, losses, smoothed = [], [], []
+    stopped = "end of sweep"
+    with preserved(session):
+        set_encoder_frozen(session.model, not unfrozen)
+        optimizer = make_optimizer(session.model, [schedule[0] * r for r in ratios], train.weight_decay)
+        avg, best = 0.0, math.inf
+        for i, (lr, (x, y)) in enumerate(zip(schedule, _endless(session))):
+            for group, ratio in zip(optimizer.param_groups, ratios, strict=True):
+                group["lr"] = float(lr) * ratio
+            loss = float(session.train_step(x, y, optimizer))
+            lrs.append(float(lr))
+            losses.append(loss)
+            if not math.isfinite(loss):
+                stopped = "non-finite loss"
+                break
+            avg = beta * avg + (1 - beta) * loss
+            value = avg / (1 - beta ** (i + 1))
+            smoothed.append(value)
+            best = min(best, value)
+            if on_step is not None:
+                on_step(i, float(lr), loss)
+            if value > diverge * best:
+                stopped = "diverged"
+                break
+        del optimizer
+    points = len(smoothed)
+    curve = LrCurve(session.plan.strategy or "custom", lrs[:points], losses[:points], smoothed, stopped, rule=rule)
+    curve.suggestions = suggest(curve.lrs, curve.smoothed)
+    return curve
+
+
+def _endless(session: TrainingSession) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The engine's augmented training batches, epoch after epoch."""
+    epoch = 0
+    while True:
+        yield from session.train_batches(epoch)
+        epoch += 1
+
+
+def strategy_configs(config: Config, strategies: Sequence[str] | None) -> list[Config]:
+    """One config per strategy (the config's own codes/strategy when none are given)."""
+    if not strategies:
+        return [config]
+    return [config.model_copy(update={"data": config.data.model_copy(update={"strategy": s, "codes": None})})
+            for s in strategies]
+
+
+def lr_find(
+    config: Config,
+    out: str | Path,
+    strategies: Sequence[str] | None = None,
+    start_lr: float = START_LR,
+    end_lr: float = END_LR,
+    steps: int = STEPS,
+    unfrozen: bool = False,
+    rule: str = "steepest",
+    init_from: str | Path | None = None,
+    track: bool = True,
+    progress: bool = True,
+) -> LrFindResult:
+    """Sweep each strategy's model (the same seed, split and config otherwise), write
+    ``out/lr_find.png`` (curves overlaid) and ``out/lr_find.json``, and log both to one MLflow run.
+
+    ``init_from`` sweeps an earlier model (run folder, checkpoint, MLflow model URI) instead of a
+    freshly initialised one; that model is only read.
+    """
+    from cellseg.plots import lr_finder, save_figure
+
+    out = Path(out)
+    configs = strategy_configs(config, strategies)
+    lr_schedule(start_lr, end_lr, steps)  # bad sweep options, data or codes fail before any work
+    check_inputs(configs)
+    if rule not in RULES:
+        raise ConfigError(f"--rule {rule}: unknown rule (known: {', '.join(RULES)})")
+    settings = {"start_lr": start_lr, "end_lr": end_lr, "steps": steps, "phase": "unfrozen" if unfrozen else "frozen",
+                "rule": rule, "rule_text": RULES[rule], "diverge": DIVERGE, "beta": BETA}
+    curves = []
+    with _Progress(progress, len(configs) * steps) as bar:
+        for cfg in configs:
+            session = TrainingSession(cfg, out)
+            if init_from is not None:
+                _load_initial(session, init_from)
+            bar.describe(session.plan.strategy or "custom")
+            curves.append(find_lr(session, start_lr, end_lr, steps, unfrozen, rule=rule, on_step=bar.step))
+            bar.finish_part(steps, _summary(curves[-1]))
+            del session
+            gc.collect()
+    png = save_figure(lr_finder([c.to_dict() for c in curves], RULES[rule]), out / PNG_NAME)
+    document = {**settings, "config": config.to_dict(), "curves": {c.strategy: c.to_dict() for c in curves}}
+    json_path = write_text(out / JSON_NAME, json.dumps(_json_safe(document), indent=1) + "\n")
+    run_id = None
+    if track:  # one run for the whole sweep, opened once there is something to log
+        from cellseg.tracking.studies import tracked_run
+
+        with tracked_run("lr-find", "lr-find", config.tracking.uri, config.tracking.experiment,
+                         tags={"strategies": ",".join(c.strategy for c in curves)}) as run:
+            run.log_params({**config.flat(), **{f"lr_find.{k}": v for k, v in settings.items()}})
+            run.log_metrics({f"suggested_lr.{c.strategy}": c.suggestion for c in curves if c.suggestion})
+            run.log_artifacts([png, json_path])
+            run_id = run.run_id
+    return LrFindResult(curves, png, json_path, run_id)
+
+
+def _load_initial(session: TrainingSession, source: str | Path) -> None:
+    from cellseg.engine.restore import check_compatible, load_initial_model
+
+    state, metadata = load_initial_model(source)
+    cfg = session.config
+    check_compatible(metadata, source, session.plan.in_channels, cfg.model.encoder, cfg.model.num_classes)
+    session.model.load_state_dict(state)
+
+
+def _summary(curve: LrCurve) -> str:
+    shown = f"{curve.suggestion:.2e}" if curve.suggestion else "none"
+    return f"{curve.strategy}: suggested lr {shown} ({curve.rule}; {len(curve.lrs)} steps, {curve.stopped})"
+
+
+class _Progress:
+    """A rich bar over all steps on a terminal; one line per strategy either way (stderr)."""
+
+    def __init__(self, enabled: bool, total: int):
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.enabled, self.total, self.bar, self.done = enabled, total, None, 0
+
+    def __enter__(self) -> _Progress:
+        if self.enabled and self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=self.console)
+            self.bar.start()
+            self.task = self.bar.add_task("lr-find", total=self.total, info="")
+        return self
+
+    def describe(self, name: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, description=name)
+
+    def step(self, i: int, lr: float, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.done + i + 1, info=f"lr {lr:.1e} loss {loss:.4f}")
+
+    def finish_part(self, steps: int, line: str) -> None:
+        self.done += steps
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.done)
+            self.bar.console.print(line)
+        elif self.enabled:
+            print(line, file=self.console.file, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
