@@ -63,6 +63,17 @@ def test_with_options_gives_any_command_the_same_options():
     assert got["config"].train.lr == 0.5 and got["config"].train.epochs_frozen == 2 and got["out"] == "y"
 
 
+def test_tracking_uri_precedence_and_absolute_sqlite(tmp_path, monkeypatch):
+    from cellseg.tracking.runs import resolve_tracking_uri
+
+    here = f"sqlite:///{tmp_path.as_posix()}"
+    assert resolve_tracking_uri() == f"{here}/mlflow.db"  # MLflow's default store, in the working folder
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
+    assert resolve_tracking_uri() == "http://env:5000"
+    assert resolve_tracking_uri("sqlite:///runs/t.db?timeout=9") == f"{here}/runs/t.db?timeout=9"
+    assert resolve_tracking_uri("sqlite:////abs/t.db") == "sqlite:////abs/t.db"
+
+
 def test_missing_store_is_one_line(mlflow_db):
     one_line_error(invoke("train", "--data", "nowhere.zarr", *TINY), "nowhere.zarr", "store not found")
 

@@ -16,6 +16,7 @@ import contextlib
 import copy
 import logging
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -39,12 +40,17 @@ CHECK_TIMEOUT_S = 5.0
 
 
 def resolve_tracking_uri(cli_value: str | None = None) -> str:
-    """CLI value > ``MLFLOW_TRACKING_URI`` > ``sqlite:///<cwd>/mlflow.db`` (absolute, MLflow's default store)."""
-    if cli_value:
-        return cli_value
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{(Path.cwd() / DEFAULT_DB).as_posix()}"
+    """CLI value > ``MLFLOW_TRACKING_URI`` > ``sqlite:///mlflow.db`` (MLflow's default store), with a
+    relative SQLite path made absolute: MLflow caches one store per URI, so ``sqlite:///mlflow.db``
+    would keep writing to the file of the first working directory it was used in."""
+    uri = cli_value or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB}"
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return uri
+    path, query = uri[len(prefix):].partition("?")[::2]
+    if not path or path == ":memory:" or Path(path).is_absolute() or re.match(r"[A-Za-z]:[/\\]", path):
+        return uri
+    return prefix + (Path.cwd() / path).as_posix() + (f"?{query}" if query else "")
 
 
 def check_tracking_uri(uri: str, timeout: float = CHECK_TIMEOUT_S) -> None:
