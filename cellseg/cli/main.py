@@ -53,9 +53,9 @@ def _root(
 
 
 def _register_all() -> None:
-    from cellseg.cli import codes, data, experiments, model, models, predict, study, train
+    from cellseg.cli import codes, data, experiments, model, models, predict, report, study, train
 
-    for module in (data, codes, model, train, experiments, study, models, predict):
+    for module in (data, codes, model, train, experiments, study, models, predict, report):
         module.register(app)
 
 

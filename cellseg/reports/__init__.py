@@ -1,0 +1,1 @@
+"""Reports built from the reproduction pipeline's results (``cellseg report``)."""
