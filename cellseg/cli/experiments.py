@@ -36,7 +36,7 @@ def _config(options: TrainingOptions, tracking: TrackingOptions, strategies: lis
 
 
 def _names(text: str | None) -> list[str] | None:
-    return [part.strip() for part in text.split(",") if part.strip()] if text else None
+    return list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip())) if text else None
 
 
 @with_options(TrackingOptions, "tracking")

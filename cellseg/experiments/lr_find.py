@@ -15,8 +15,8 @@ average with bias correction (``beta`` 0.98, as fastai). Suggestion rules (both 
 the first points and the minimum; ``minimum`` — the learning rate of the minimum smoothed loss / 10.
 
 ``find_lr`` leaves the session as it found it: model weights and buffers, which parameters are
-trainable, train/eval mode, and every random generator are restored afterwards, and the sweep's
-optimizer is its own (the session's optimizer, if any, is never stepped).
+trainable, their gradients, train/eval mode, and every random generator are restored afterwards,
+and the sweep's optimizer is its own (the session's optimizer, if any, is never stepped).
 """
 
 from __future__ import annotations
@@ -92,11 +92,20 @@ def lr_schedule(start: float, end: float, steps: int) -> np.ndarray:
 
 def smooth(losses: Sequence[float], beta: float = BETA) -> list[float]:
     """Bias-corrected exponential moving average (so early points are not pulled towards zero)."""
-    avg, out = 0.0, []
-    for i, loss in enumerate(losses):
-        avg = beta * avg + (1 - beta) * loss
-        out.append(avg / (1 - beta ** (i + 1)))
-    return out
+    ema = _Ema(beta)
+    return [ema(loss) for loss in losses]
+
+
+class _Ema:
+    """Running bias-corrected EMA: call with each new value, get the smoothed value so far."""
+
+    def __init__(self, beta: float):
+        self.beta, self.avg, self.n = beta, 0.0, 0
+
+    def __call__(self, value: float) -> float:
+        self.n += 1
+        self.avg = self.beta * self.avg + (1 - self.beta) * value
+        return self.avg / (1 - self.beta**self.n)
 
 
 def suggest(lrs: Sequence[float], smoothed: Sequence[float]) -> dict[str, float | None]:
@@ -114,21 +123,26 @@ def suggest(lrs: Sequence[float], smoothed: Sequence[float]) -> dict[str, float 
     return {"steepest": steepest, "minimum": float(lrs_arr[best] / 10)}
 
 
+def _check_rule(rule: str) -> None:
+    if rule not in RULES:
+        raise ConfigError(f"--rule {rule}: unknown rule (known: {', '.join(RULES)})")
+
+
 @contextlib.contextmanager
 def preserved(session: TrainingSession) -> Iterator[None]:
-    """Restore the session's model (weights, buffers, trainable flags, mode) and all RNGs on exit."""
+    """Restore the session's model (weights, buffers, trainable flags, gradients, mode) and all RNGs on exit."""
     model = session.model
     state = copy.deepcopy(model.state_dict())
-    trainable = [p.requires_grad for p in model.parameters()]
+    params = [(p.requires_grad, None if p.grad is None else p.grad.clone()) for p in model.parameters()]
     training = model.training
     rng = rng_state()
     try:
         yield
     finally:
         model.load_state_dict(state)
-        for param, flag in zip(model.parameters(), trainable, strict=True):
+        for param, (flag, grad) in zip(model.parameters(), params, strict=True):
             param.requires_grad_(flag)
-            param.grad = None
+            param.grad = grad
         model.train(training)
         set_rng_state(rng)
 
@@ -148,8 +162,7 @@ def find_lr(
 
     ``on_step(i, lr, loss)`` is called after every step (progress display).
     """
-    if rule not in RULES:
-        raise ConfigError(f"--rule {rule}: unknown rule (known: {', '.join(RULES)})")
+    _check_rule(rule)
     schedule = lr_schedule(start_lr, end_lr, steps)
     if len(session.train_source) == 0:
         raise ConfigError(f"{session.config.data.store}: fewer training stacks than one batch "
@@ -163,7 +176,7 @@ def find_lr(
     with preserved(session):
         set_encoder_frozen(session.model, not unfrozen)
         optimizer = make_optimizer(session.model, [schedule[0] * r for r in ratios], train.weight_decay)
-        avg, best = 0.0, math.inf
+        ema, best = _Ema(beta), math.inf
         for i, (lr, (x, y)) in enumerate(zip(schedule, _endless(session))):
             for group, ratio in zip(optimizer.param_groups, ratios, strict=True):
                 group["lr"] = float(lr) * ratio
@@ -173,8 +186,7 @@ def find_lr(
             if not math.isfinite(loss):
                 stopped = "non-finite loss"
                 break
-            avg = beta * avg + (1 - beta) * loss
-            value = avg / (1 - beta ** (i + 1))
+            value = ema(loss)
             smoothed.append(value)
             best = min(best, value)
             if on_step is not None:
@@ -229,9 +241,8 @@ def lr_find(
     out = Path(out)
     configs = strategy_configs(config, strategies)
     lr_schedule(start_lr, end_lr, steps)  # bad sweep options, data or codes fail before any work
+    _check_rule(rule)
     check_inputs(configs)
-    if rule not in RULES:
-        raise ConfigError(f"--rule {rule}: unknown rule (known: {', '.join(RULES)})")
     settings = {"start_lr": start_lr, "end_lr": end_lr, "steps": steps, "phase": "unfrozen" if unfrozen else "frozen",
                 "rule": rule, "rule_text": RULES[rule], "diverge": DIVERGE, "beta": BETA}
     curves = []
