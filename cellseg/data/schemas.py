@@ -129,6 +129,54 @@ EVAL_SUMMARY_SCHEMA = pa.DataFrameSchema(
 EVAL_SUMMARY_COLUMNS = list(EVAL_SUMMARY_SCHEMA.columns)
 
 
+# --- strategy comparison (cellseg compare: OUT/compare_runs.csv, OUT/compare.csv) ---------------
+# compare_runs.csv: one row per run and epoch (the curves); compare.csv: per strategy, mean and
+# sample sd (NaN for one replicate) over replicates of the final epoch's validation metrics.
+
+_COMPARE_METRICS = ("accuracy", "background_accuracy", "cell_accuracy", "dice", "iou", "val_loss")
+
+
+def _metric_check(name: str) -> list[pa.Check]:
+    return [pa.Check.ge(0.0)] if name == "val_loss" else [_FRACTION]
+
+
+COMPARE_RUNS_SCHEMA = pa.DataFrameSchema(
+    {
+        "strategy": pa.Column(str, pa.Check.str_length(min_value=1)),
+        "replicate": pa.Column(int, pa.Check.ge(1)),
+        "seed": pa.Column(int),
+        "epoch": pa.Column(int, pa.Check.ge(1)),
+        "phase": pa.Column(int, pa.Check.ge(1)),
+        "lr": pa.Column(float, nullable=True),
+        "train_loss": pa.Column(float, nullable=True),
+        **{name: pa.Column(float, _metric_check(name), nullable=True) for name in _COMPARE_METRICS},
+        "run_dir": pa.Column(str),
+        "mlflow_run_id": pa.Column(str, nullable=True),
+    },
+    unique=["strategy", "replicate", "epoch"],
+    strict=True,
+    ordered=True,
+    coerce=True,
+    name="comparison runs",
+)
+COMPARE_RUNS_COLUMNS = list(COMPARE_RUNS_SCHEMA.columns)
+
+COMPARE_SUMMARY_SCHEMA = pa.DataFrameSchema(
+    {
+        "strategy": pa.Column(str, pa.Check.str_length(min_value=1), unique=True),
+        "n": pa.Column(int, pa.Check.ge(1)),
+        "epochs": pa.Column(int, pa.Check.ge(1)),
+        **{f"{name}_{stat}": pa.Column(float, _metric_check(name), nullable=True)
+           for name in _COMPARE_METRICS for stat in ("mean", "sd")},
+    },
+    strict=True,
+    ordered=True,
+    coerce=True,
+    name="comparison summary",
+)
+COMPARE_SUMMARY_COLUMNS = list(COMPARE_SUMMARY_SCHEMA.columns)
+
+
 # --- CE-weight sweep (cellseg sweep-ce: DIR/sweep_ce.csv) -----------------------------------------
 # One row per weight w (ce_weights = [1, w]): final validation metrics of that weight's model and the
 # fractions of wrong background / cell / all pixels (1 - the matching accuracy); NaN where a class is

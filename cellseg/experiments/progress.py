@@ -12,15 +12,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class RunsProgress:
-    """``with RunsProgress(total, "trials") as progress: fit(..., callbacks=[progress.epochs()]); progress.done(line)``."""
+    """``with RunsProgress(total, "trials") as progress: fit(..., callbacks=[progress.epochs()]); progress.done(line)``;
+    ``enabled=False`` shows nothing (a notebook or test that wants silence)."""
 
-    def __init__(self, total: int, what: str, console: Console | None = None):
-        self.total, self.what = total, what
+    def __init__(self, total: int, what: str, console: Console | None = None, enabled: bool = True):
+        self.total, self.what, self.enabled = total, what, enabled
         self.console = console or Console(stderr=True)
         self.progress: Progress | None = None
 
     def __enter__(self) -> RunsProgress:
-        if self.console.is_terminal:
+        if self.enabled and self.console.is_terminal:
             self.progress = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                 TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=self.console,
@@ -38,7 +39,8 @@ class RunsProgress:
     def done(self, line: str) -> None:
         """A fit finished (or was pruned or failed): print its line and advance the bar."""
         if self.progress is None:
-            print(line, file=self.console.file, flush=True)
+            if self.enabled:
+                print(line, file=self.console.file, flush=True)
             return
         self.progress.console.print(line)
         self.progress.advance(self.runs_task)
