@@ -1,4 +1,9 @@
-"""Atomic writes: a file or folder appears complete under its final name, or not at all."""
+"""Atomic writes: a file or folder appears complete under its final name, or not at all.
+
+A file is flushed to disk before it is renamed into place (and the rename after), so even a
+machine that loses power leaves the previous or the new complete file, never a torn one. A
+killed process can leave its temporary beside the target; ``remove_leftovers`` clears those.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +21,9 @@ def _check_writable_dir(directory: Path) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise BadInputError(f"{directory}: cannot create output folder ({exc.strerror})") from exc
+        blocker = next((p for p in (directory, *directory.parents) if p.exists() and not p.is_dir()), None)
+        reason = f"{blocker} is a file, not a folder" if blocker is not None else exc.strerror
+        raise BadInputError(f"{directory}: cannot create output folder ({reason})") from exc
     if not os.access(directory, os.W_OK):
         raise BadInputError(f"{directory}: output folder is not writable")
 
@@ -29,7 +36,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     final = Path(path)
     _check_writable_dir(final.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    except OSError as exc:
+        raise BadInputError(f"{final}: could not write ({exc.strerror or exc})") from exc
     tmp.rmdir()  # the caller creates a file or a folder under this name
     try:
         yield tmp
@@ -39,13 +49,36 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
+            _fsync(tmp)
             os.replace(tmp, final)
+            _fsync(final.parent)
     except OSError as exc:
         _remove(tmp)
         raise BadInputError(f"{final}: could not write ({exc.strerror or exc})") from exc
     except BaseException:
         _remove(tmp)
         raise
+
+
+def remove_leftovers(path: str | os.PathLike) -> list[str]:
+    """Remove the temporaries ``atomic_path`` left beside ``path`` when a process was killed while
+    writing it; returns their names. Only for targets one process at a time writes."""
+    final = Path(path)
+    removed = []
+    for pattern in (f".{final.name}.*.tmp", f".{final.name}.old-*"):
+        for leftover in sorted(final.parent.glob(pattern)):
+            _remove(leftover)
+            removed.append(leftover.name)
+    return removed
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove(path: Path) -> None:

@@ -39,10 +39,13 @@ def train(
     metrics and the model logged to MLflow and registered.
 
     Examples: `cellseg train --data trainer.zarr --profile quick` ·
-    `cellseg train --run-dir runs/x --resume --epochs 150` (continue, or extend a finished run)
+    `cellseg train --run-dir runs/x --resume --epochs 150` (continue, or extend a finished run) ·
+    `torchrun --nproc-per-node 4 $(which cellseg) train …` (data-parallel; --batch-size is per process)
     """
+    from cellseg.engine.distributed import launched, process_group
     from cellseg.engine.loop import fit
     from cellseg.engine.progress import ProgressCallback
+    from cellseg.engine.session import resolve_device
     from cellseg.tracking.runs import MlflowCallback, check_tracking_uri, resolve_tracking_uri
 
     base = None
@@ -56,12 +59,20 @@ def train(
     if register_as is not None:
         config = config.with_overrides({"tracking.register_as": register_as})
     uri = resolve_tracking_uri(config.tracking.uri)
+    if run_dir is None:
+        if launched().size > 1:  # each process would pick its own time stamp
+            raise ConfigError("torchrun: pass --run-dir (the processes must agree on one run folder)")
+        run_dir = default_run_dir(config.data.strategy if config.data.codes is None else None)
+    if not launched().main:  # rank 0 alone logs, prints and writes the run folder
+        with process_group(resolve_device(config.train.device)):
+            fit(config, run_dir, resume=resume, init_from=init_from)
+        return
     check_tracking_uri(uri)
-    run_dir = run_dir or default_run_dir(config.data.strategy if config.data.codes is None else None)
     mlflow_cb = MlflowCallback(uri, config.tracking.experiment, register_as=config.tracking.register_as,
                                register=not no_register)
     typer.echo(f"run folder {run_dir} · MLflow {uri}", err=True)
-    result = fit(config, run_dir, resume=resume, init_from=init_from, callbacks=[mlflow_cb, ProgressCallback()])
+    with process_group(resolve_device(config.train.device)):
+        result = fit(config, run_dir, resume=resume, init_from=init_from, callbacks=[mlflow_cb, ProgressCallback()])
     final = result.final
     if final:
         typer.echo(f"final: accuracy {final['accuracy']:.4f} · cell accuracy {final['cell_accuracy']:.4f} · "

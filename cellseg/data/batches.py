@@ -8,6 +8,8 @@ batch is the loading codes as tensor ops: gather the planes the draws use, divid
 maxima, weight and sum (``CodePlan.combine``).
 A store that does not fit is streamed from Zarr by a DataLoader over the per-sample dataset.
 Both paths use dataset.py's resize and per-sample draws, so they yield identical batches.
+A rank of a distributed run builds its source over its shard of the stacks only (``per_epoch``
+and ``stream`` keep the ranks in step and their orders independent; engine/distributed.py).
 """
 
 from __future__ import annotations
@@ -65,27 +67,29 @@ class _Batches:
     """What both sources share: the epoch order and the batching of it."""
 
     def __init__(self, indices: Sequence[int], plan: CodePlan, batch_size: int, device: torch.device,
-                 seed: int, shuffle: bool, drop_last: bool):
+                 seed: int, shuffle: bool, drop_last: bool, per_epoch: int | None = None, stream: int = 0):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
         self.indices = [int(i) for i in indices]
         self.plan, self.batch_size, self.device = plan, batch_size, device
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.per_epoch = len(self.indices) if per_epoch is None else min(per_epoch, len(self.indices))
+        self.stream = stream
 
     def __len__(self) -> int:
-        n, b = len(self.indices), self.batch_size
+        n, b = self.per_epoch, self.batch_size
         return n // b if self.drop_last else -(-n // b)
 
     def _order(self, epoch: int) -> torch.Tensor:
-        return epoch_order(len(self.indices), self.seed, epoch, self.shuffle)
+        return epoch_order(len(self.indices), self.seed, epoch, self.shuffle, self.stream)[: self.per_epoch]
 
 
 class ResidentBatches(_Batches):
     """Needed channels of all selected stacks held as uint16 on ``storage`` (CPU RAM or the GPU)."""
 
     def __init__(self, store: Store, indices, plan, size, batch_size, device, storage: torch.device,
-                 seed, shuffle, drop_last):
-        super().__init__(indices, plan, batch_size, device, seed, shuffle, drop_last)
+                 seed, shuffle, drop_last, per_epoch=None, stream=0):
+        super().__init__(indices, plan, batch_size, device, seed, shuffle, drop_last, per_epoch, stream)
         channels = plan.needed_channels
         images = np.empty((len(self.indices), len(channels), size, size), dtype=np.uint16)
         masks = np.empty((len(self.indices), size, size), dtype=np.uint8)
@@ -124,7 +128,7 @@ class _EpochSampler(Sampler):
         self.batches, self.epoch = batches, 0
 
     def __len__(self) -> int:
-        return len(self.batches.indices)
+        return self.batches.per_epoch
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         return ((p, self.epoch) for p in self.batches._order(self.epoch).tolist())
@@ -136,8 +140,8 @@ class StreamingBatches(_Batches):
     residency = "stream"
 
     def __init__(self, store: Store, indices, plan, size, batch_size, device, seed, shuffle, drop_last,
-                 num_workers: int):
-        super().__init__(indices, plan, batch_size, device, seed, shuffle, drop_last)
+                 num_workers: int, per_epoch=None, stream=0):
+        super().__init__(indices, plan, batch_size, device, seed, shuffle, drop_last, per_epoch, stream)
         self.dataset = StackDataset(store.path, plan, self.indices, size, seed)
         self.sampler = _EpochSampler(self)
         self.loader = DataLoader(
@@ -168,12 +172,16 @@ def make_batch_source(
     shuffle: bool = True,
     drop_last: bool = False,
     num_workers: int = 0,
+    per_epoch: int | None = None,
+    stream: int = 0,
 ) -> ResidentBatches | StreamingBatches:
     """Batches of (x float32 (B, in_channels, size, size), y int64 (B, size, size)) on ``device``.
 
     ``residency``: "ram" or "device" hold the needed data resident, "stream" reads per sample,
     "auto" picks the first of device (CUDA only), ram, stream that fits comfortably.
     ``source.epoch(e)`` iterates one epoch; order and random codes are seeded from (seed, e).
+    ``per_epoch`` stacks of ``indices`` are taken each epoch (default all); ``stream`` > 0 shuffles
+    them in an order independent of stream 0's (see ``epoch_order``).
     """
     store = store if isinstance(store, Store) else open_store(store)
     check_plan(plan, store)
@@ -185,6 +193,8 @@ def make_batch_source(
     if residency == "auto":
         residency = choose_residency(resident_bytes(len(indices), len(plan.needed_channels), size), device)
     if residency == "stream":
-        return StreamingBatches(store, indices, plan, size, batch_size, device, seed, shuffle, drop_last, num_workers)
+        return StreamingBatches(store, indices, plan, size, batch_size, device, seed, shuffle, drop_last, num_workers,
+                                per_epoch, stream)
     storage = device if residency == "device" else torch.device("cpu")
-    return ResidentBatches(store, indices, plan, size, batch_size, device, storage, seed, shuffle, drop_last)
+    return ResidentBatches(store, indices, plan, size, batch_size, device, storage, seed, shuffle, drop_last,
+                           per_epoch, stream)

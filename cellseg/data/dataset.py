@@ -51,11 +51,13 @@ def sample_generator(seed: int, index: int, epoch: int) -> torch.Generator:
     return derived_generator(seed, _SAMPLE, index, epoch)
 
 
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
-    """Positions 0..n-1 in this epoch's order (a seeded permutation when shuffling)."""
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True, stream: int = 0) -> torch.Tensor:
+    """Positions 0..n-1 in this epoch's order (a seeded permutation when shuffling); ``stream`` > 0
+    gives an independent order (each rank of a distributed run shuffles its own shard)."""
     if not shuffle:
         return torch.arange(n)
-    return torch.randperm(n, generator=derived_generator(seed, _ORDER, epoch))
+    keys = (seed, _ORDER, epoch) if stream == 0 else (seed, _ORDER, epoch, stream)
+    return torch.randperm(n, generator=derived_generator(*keys))
 
 
 def resize_image(raw: np.ndarray, size: int) -> np.ndarray:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
 import time
 from collections import Counter
@@ -34,6 +33,7 @@ from cellseg.data.readers import (
 )
 from cellseg.data.store import StackRecord, open_store, write_store
 from cellseg.errors import BadInputError
+from cellseg.fileio import remove_leftovers
 
 INGEST_VERSION = 1  # part of the source fingerprint: bump when decoding rules change
 STACK_DIR, MASK_DIR, CODES_FILE = "FullImage", "Mask_Norm", "codes.txt"
@@ -95,7 +95,7 @@ def ingest(
     cands, unmatched, duplicates = _discover(root)
     classes = read_codes(root / CODES_FILE)
     _check_target(out)
-    removed = _remove_leftovers(out)
+    removed = remove_leftovers(out)  # of a killed ingest (one ingest per target at a time)
 
     run = _Run(root, skip_bad)
     for name, reason in duplicates:
@@ -267,17 +267,6 @@ def _check_target(out: Path) -> None:
         raise BadInputError(f"{out}: exists and is not a folder; choose another --out")
     if out.is_dir() and any(out.iterdir()) and _store_attrs(out) is None:
         raise BadInputError(f"{out}: exists and is not a cellseg store; remove it or choose another --out")
-
-
-def _remove_leftovers(out: Path) -> list[str]:
-    """Temporary folders left beside ``out`` by a killed ingest (one ingest per target at a time)."""
-    removed = []
-    for pattern in (f".{out.name}.*.tmp", f".{out.name}.old-*"):
-        for path in sorted(out.parent.glob(pattern)):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path.name)
-    return removed
 
 
 def _fingerprint(root: Path, cands: list[_Candidate], layout: Layout | None, classes: list[str]) -> str:

@@ -4,8 +4,9 @@
 ``format``, ``metadata`` (the model metadata of CONTRACTS.md: codes, layout, classes, size, …),
 ``model`` (state dict, on the CPU), ``optimizer``/``scheduler`` (of the cycle in progress),
 ``cycles`` (list of {phase, epochs}), ``epoch`` (epochs completed), ``history`` (metric curves),
-``rng`` (python, numpy, torch, cuda), ``batch_sources``, ``callbacks`` (state per callback key,
-e.g. the MLflow run id) and ``config`` (the resolved config as a dict).
+``rng`` (python, numpy, torch, cuda; ``rng_ranks`` the same for ranks 1.. of a distributed run of
+``world_size`` processes), ``callbacks`` (state per callback key, e.g. the MLflow run id),
+``store_hash`` and ``config`` (the resolved config as a dict).
 Everything is plain tensors/containers, so ``torch.load(weights_only=True)`` reads it.
 """
 
@@ -30,10 +31,35 @@ def checkpoint_path(run_dir: str | Path) -> Path:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` so that ``path`` is always either the previous or the new complete file."""
-    with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, **state}, tmp)
+    """Write ``state`` so that ``path`` is always either the previous or the new complete file
+    (a full disk is a one-line BadInputError naming ``path``, and the previous file stays)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        sink = _Sink(fh)
+        try:
+            torch.save({"format": FORMAT, **state}, sink)
+        except RuntimeError:
+            if sink.error is not None:
+                raise sink.error from None
+            raise
     return Path(path)
+
+
+class _Sink:
+    """The file torch.save writes to, remembering the OSError of a failed write: torch reports it as
+    a RuntimeError ("unexpected pos …"), which would hide e.g. "No space left on device"."""
+
+    def __init__(self, fh):
+        self.fh, self.error = fh, None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

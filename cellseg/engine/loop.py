@@ -9,6 +9,9 @@ Callbacks implement any of ``on_fit_start(session)``, ``on_train_batch_end(sessi
 ``on_epoch_end(session, epoch, metrics)`` (may raise, e.g. ``optuna.TrialPruned``),
 ``on_fit_end(session, result)``, ``on_fit_error(session, exc)``, and ``state_dict()`` /
 ``load_state_dict(state)`` saved in the checkpoint under ``state_key`` (default: the class name).
+
+In a distributed run (distributed.py) every rank runs this loop in step; only rank 0 writes the
+run folder and calls the callbacks.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch import nn
 from cellseg.config import Config
 from cellseg.data.codes import CodePlan
 from cellseg.data.split import Split
+from cellseg.engine import distributed
 from cellseg.engine.checkpoint import checkpoint_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from cellseg.engine.restore import check_compatible, check_resume_config, load_initial_model
 from cellseg.engine.schedule import (
@@ -37,9 +41,9 @@ from cellseg.engine.schedule import (
     plan_cycles,
     set_encoder_frozen,
 )
-from cellseg.engine.session import SPLIT_NAME, TrainingSession
+from cellseg.engine.session import SPLIT_NAME, TrainingSession, seed_everything
 from cellseg.errors import BadInputError, ConfigError
-from cellseg.fileio import write_text
+from cellseg.fileio import remove_leftovers, write_text
 
 CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.json"
@@ -96,6 +100,8 @@ def fit(
     run_dir = Path(run_dir)
     checkpoint = _checkpoint_to_resume(run_dir, config, resume, init_from)
     session = TrainingSession(config, run_dir, split=split)
+    main = session.world.main
+    callbacks = list(callbacks) if main else []
     if checkpoint is not None:
         _check_same_data(checkpoint, session, run_dir)
     elif init_from is not None:
@@ -107,21 +113,27 @@ def fit(
     session.cycles = cycles
     session.start_epoch = checkpoint["epoch"] if checkpoint else 0
     if checkpoint is not None:
+        _check_same_world(checkpoint, session, cycles)
         session.model.load_state_dict(checkpoint["model"])
         session.history = list(checkpoint["history"])
         for callback in callbacks:
             if _key(callback) in checkpoint["callbacks"]:
                 callback.load_state_dict(checkpoint["callbacks"][_key(callback)])
-    write_text(run_dir / CONFIG_NAME, config.to_yaml())
-    session.split.save(run_dir / SPLIT_NAME)
+    if main:
+        for name in (CONFIG_NAME, SPLIT_NAME, METRICS_NAME, checkpoint_path(run_dir).name):
+            remove_leftovers(run_dir / name)  # temporaries of a killed process
+        write_text(run_dir / CONFIG_NAME, config.to_yaml())
+        session.split.save(run_dir / SPLIT_NAME)
     _call(callbacks, "on_fit_start", session)
     try:
         if checkpoint is not None:
-            set_rng_state(checkpoint["rng"])
+            _restore_rng(checkpoint, session)
         _run(session, cycles, callbacks, checkpoint)
     except BaseException as exc:
         _call(callbacks, "on_fit_error", session, exc)
         raise
+    finally:
+        session.unwrap()
     result = FitResult(
         history=session.history,
         final=session.history[-1] if session.history else {},
@@ -161,6 +173,29 @@ def _check_same_data(checkpoint: dict, session: TrainingSession, run_dir: Path) 
         )
 
 
+def _check_same_world(checkpoint: dict, session: TrainingSession, cycles: list[Cycle]) -> None:
+    """A one-cycle in progress counts its steps for one global batch: finish it on as many processes."""
+    saved, now = checkpoint.get("world_size", 1), session.world.size
+    epoch = checkpoint["epoch"]
+    if saved != now and epoch < sum(c.epochs for c in cycles) and cycle_at(cycles, epoch)[1] > 0:
+        raise ConfigError(
+            f"--resume: this run is in the middle of a one-cycle trained by {saved} process(es) and now runs on "
+            f"{now}; resume it on {saved} (torchrun --nproc-per-node {saved}), or extend it after the cycle ends"
+        )
+
+
+def _restore_rng(checkpoint: dict, session: TrainingSession) -> None:
+    """Each rank continues its own random stream (a rank the checkpoint lacks starts a fresh one)."""
+    states = [checkpoint["rng"], *checkpoint.get("rng_ranks", [])]
+    rank = session.world.rank
+    if rank < len(states) and len(states) == session.world.size:
+        set_rng_state(states[rank])
+    else:
+        set_rng_state(states[0])
+        if rank > 0:
+            seed_everything(distributed.rank_seed(session.config.seed, rank, checkpoint["epoch"]))
+
+
 def _run(session: TrainingSession, cycles: list[Cycle], callbacks: Sequence[Any], checkpoint: dict | None) -> None:
     total = sum(c.epochs for c in cycles)
     epoch = session.start_epoch
@@ -180,6 +215,7 @@ def _run(session: TrainingSession, cycles: list[Cycle], callbacks: Sequence[Any]
 def _start_cycle(session: TrainingSession, cycle: Cycle) -> None:
     train = session.config.train
     set_encoder_frozen(session.model, cycle.frozen)
+    session.wrap_for_training()
     lrs = peak_lrs(cycle, train, len(session.model.param_groups()))
     session.optimizer = make_optimizer(session.model, lrs, train.weight_decay)
     session.scheduler = make_scheduler(session.optimizer, lrs, cycle.epochs * len(session.train_source))
@@ -187,32 +223,37 @@ def _start_cycle(session: TrainingSession, cycle: Cycle) -> None:
 
 def _epoch(session: TrainingSession, cycle: Cycle, epoch: int, cycle_end: int, callbacks: Sequence[Any]) -> None:
     steps = len(session.train_source)
-    loss_sum = torch.zeros((), device=session.device, dtype=torch.float64)
-    seen = 0
+    sums = torch.zeros(2, device=session.device, dtype=torch.float64)  # loss × samples, samples
     lr = math.nan
     for i, (x, y) in enumerate(session.train_batches(epoch)):
         lr = session.optimizer.param_groups[-1]["lr"]
         loss = session.train_step(x, y, session.optimizer)
         _call(callbacks, "on_train_batch_end", session, epoch * steps + i, loss)
         session.scheduler.step()
-        loss_sum += loss * len(y)
-        seen += len(y)
+        sums[0] += loss * len(y)
+        sums[1] += len(y)
+    loss_sum, seen = distributed.all_reduce_sum(sums).tolist()
     record = {
         "epoch": epoch + 1,
         "phase": cycle.phase,
         "lr": lr,
-        "train_loss": (loss_sum / max(seen, 1)).item() if seen else math.nan,
+        "train_loss": loss_sum / seen if seen else math.nan,
         **session.evaluate(),
     }
     session.history.append(record)
     run_dir = session.run_dir
-    write_text(run_dir / METRICS_NAME, json.dumps(_json_safe(session.history), indent=1) + "\n")
+    main = session.world.main
+    if main:
+        write_text(run_dir / METRICS_NAME, json.dumps(_json_safe(session.history), indent=1) + "\n")
     if (epoch + 1) % session.config.train.checkpoint_every == 0 or epoch + 1 == cycle_end:
-        save_checkpoint(checkpoint_path(run_dir), _checkpoint_state(session, epoch + 1, callbacks))
+        rngs = distributed.all_gather(rng_state())  # every rank's generators
+        if main:
+            save_checkpoint(checkpoint_path(run_dir), _checkpoint_state(session, epoch + 1, callbacks, rngs))
     _call(callbacks, "on_epoch_end", session, epoch + 1, record)
 
 
-def _checkpoint_state(session: TrainingSession, epochs_done: int, callbacks: Sequence[Any]) -> dict[str, Any]:
+def _checkpoint_state(session: TrainingSession, epochs_done: int, callbacks: Sequence[Any],
+                      rngs: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "metadata": session.metadata(),
         "model": {k: v.detach().cpu() for k, v in session.model.state_dict().items()},
@@ -221,7 +262,9 @@ def _checkpoint_state(session: TrainingSession, epochs_done: int, callbacks: Seq
         "cycles": [c.to_dict() for c in session.cycles],
         "epoch": epochs_done,
         "history": list(session.history),
-        "rng": rng_state(),
+        "rng": rngs[0],
+        "rng_ranks": rngs[1:],  # ranks 1.. of a distributed run
+        "world_size": session.world.size,
         "callbacks": {_key(cb): cb.state_dict() for cb in callbacks if hasattr(cb, "state_dict")},
         "store_hash": session.store.content_hash,
         "config": session.config.to_dict(),

@@ -5,7 +5,8 @@ folder's ``split.json`` when there is one, as nnU-Net does), builds the batch so
 and augmentation on the training device, and offers the steps every experiment drives:
 ``train_batches``, ``train_step``, ``evaluate``, ``predict``. ``fit`` (loop.py) runs the schedule
 with them; the LR finder drives ``train_step`` with its own learning rates. Construction is
-deterministic from ``config.seed``.
+deterministic from ``config.seed``. In a distributed run (distributed.py) each rank builds its
+shard of the batches and trains the shared model through DistributedDataParallel.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from cellseg.data.batches import make_batch_source
 from cellseg.data.codes import resolve_codes
 from cellseg.data.split import Split, make_split
 from cellseg.data.store import open_store
+from cellseg.engine import distributed
 from cellseg.engine.augment import build_augment
 from cellseg.engine.losses import weighted_cross_entropy
 from cellseg.engine.metrics import SegmentationMetrics
@@ -57,7 +59,14 @@ class TrainingSession:
         data, train = config.data, config.train
         if data.store is None:
             raise ConfigError("no training data: pass --data STORE (or set data.store in the config)")
+        self.world = distributed.world()
+        launched = distributed.launched()
+        if launched.size > self.world.size:
+            raise ConfigError(f"started by torchrun as {launched.size} processes, but only `cellseg train` trains "
+                              "data-parallel; run this as a single process")
         self.device = resolve_device(train.device)
+        if self.cuda and self.world.size > 1:  # this rank's GPU (process_group made it the current one)
+            self.device = torch.device("cuda", torch.cuda.current_device())
         if self.cuda:  # fastest kernels for the fixed training size; bitwise GPU repeats are not promised
             torch.backends.cudnn.benchmark = True
             torch.set_float32_matmul_precision("high")
@@ -76,18 +85,26 @@ class TrainingSession:
         )
         self.split = split or self._existing_split() or make_split(self.store, data.val_fraction, config.seed)
         train_idx, val_idx = self.split.indices(self.store)
-        if not train_idx:
-            raise ConfigError(f"{data.store}: the split leaves no stacks for training")
+        per_rank = len(train_idx) // self.world.size  # every rank takes as many steps
+        if per_rank == 0:
+            raise ConfigError(f"{data.store}: the split leaves {len(train_idx)} stacks for training, fewer than the "
+                              f"{self.world.size} processes")
         common = dict(plan=self.plan, size=data.size, batch_size=train.batch_size, device=self.device,
                       residency=data.residency, seed=config.seed, num_workers=data.num_workers)
         # fastai drops the last short training batch (batch norm dislikes a batch of one).
-        self.train_source = make_batch_source(self.store, train_idx, shuffle=True,
-                                              drop_last=len(train_idx) >= train.batch_size, **common)
-        self.val_source = make_batch_source(self.store, val_idx, shuffle=False, drop_last=False, **common)
+        self.train_source = make_batch_source(self.store, self.world.shard(train_idx), shuffle=True,
+                                              drop_last=per_rank >= train.batch_size, per_epoch=per_rank,
+                                              stream=self.world.rank, **common)
+        self.val_source = make_batch_source(self.store, self.world.shard(val_idx), shuffle=False, drop_last=False,
+                                            **common)
         self.model = build_model(config.model.encoder, self.plan.in_channels, config.model.num_classes,
                                  config.model.encoder_weights).to(self.device)
+        if self.world.size > 1:
+            distributed.sync_batch_norm(self.model, self.device)
+            seed_everything(distributed.rank_seed(config.seed, self.world.rank))  # own augmentation draws
         if self.cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.trainer = self.model  # what train_step runs: the model, or DDP around it (wrap_for_training)
         self.loss_fn = weighted_cross_entropy(train.ce_weights, config.model.num_classes).to(self.device)
         self.augment = build_augment(config.augment, data.size)
         self.history: list[dict[str, Any]] = []
@@ -121,12 +138,32 @@ class TrainingSession:
                 x, y = self.augment(x, y)
             yield self._layout(x), y
 
+    def wrap_for_training(self) -> None:
+        """Wrap the model for data-parallel training over the parameters now trainable (after
+        freezing or unfreezing; a no-op in a single process)."""
+        self.trainer = None  # release the previous wrapper's gradient hooks first
+        self.trainer = distributed.wrap(self.model, self.device)
+
+    def unwrap(self) -> None:
+        """Back to the plain model with plain BatchNorm, as it is saved and logged."""
+        self.trainer = self.model
+        if self.world.size > 1:
+            distributed.local_batch_norm(self.model)
+
     def train_step(self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
-        """One forward/backward/optimizer step; returns the (detached) batch loss without syncing."""
-        self.model.train()
+        """One forward/backward/optimizer step; returns the (detached) batch loss without syncing.
+
+        In a distributed run the loss is this rank's share of the global batch's weighted mean
+        (DDP averages gradients over ranks, so each share is scaled by its weight over the mean weight).
+        """
+        self.trainer.train()
         with self.autocast():
-            logits = self.model(x)
+            logits = self.trainer(x)
         loss = self.loss_fn(logits.float(), y)
+        if self.world.size > 1:
+            weight = (self.loss_fn.weight[y].sum() if self.loss_fn.weight is not None
+                      else torch.full((), float(y.numel()), device=y.device))
+            loss = loss * (weight * self.world.size / distributed.all_reduce_sum(weight.clone()))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -105,7 +105,7 @@ def evaluate(
                       overlay(x, labels.to(torch.uint8).cpu().numpy(), store.read_mask(i)))
     summary_rows = [
         {"scope": scope, "stacks": counts[scope],
-         "pixels": int(pooled[scope].confusion.compute().sum()), **_scores(pooled[scope])}
+         "pixels": pooled[scope].pixels, **_scores(pooled[scope])}
         for scope in SCOPES if counts[scope]
     ]
     per_stack = validate(pd.DataFrame(rows, columns=EVAL_STACKS_COLUMNS), EVAL_STACKS_SCHEMA,

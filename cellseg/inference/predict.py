@@ -157,8 +157,7 @@ def iter_stacks(inputs: Sequence[str | Path], layout: Layout, plan: CodePlan) ->
 
 
 def write_png(path: Path, array: np.ndarray) -> Path:
-    """Write a uint8 (H, W) or (H, W, 3) array as PNG, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a uint8 (H, W) or (H, W, 3) array as PNG, atomically (creating its folder)."""
     with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
     return path

@@ -112,6 +112,7 @@ class MlflowCallback:
         self.model_uri: str | None = None
         self.registered: tuple[str, int] | None = None  # (name, version)
         self._client = None
+        self._logged_epochs: set[int] = set()  # already in the run when this fit started
 
     # --- checkpointed state: the run id, so --resume continues the same run ---------------------
     def state_dict(self) -> dict[str, Any]:
@@ -145,6 +146,8 @@ class MlflowCallback:
             self._log_missing_epochs(session.history)
 
     def on_epoch_end(self, session, epoch: int, metrics: dict[str, Any]) -> None:
+        if epoch in self._logged_epochs:  # logged before a crash, recomputed from an older checkpoint
+            return
         try:
             self._log_metrics([metrics])
         except Exception as exc:  # noqa: BLE001 — tracking trouble must not stop training
@@ -212,6 +215,7 @@ class MlflowCallback:
             "split.val": len(split.val),
             "model.parameters": sum(p.numel() for p in session.model.parameters()),
             "device": str(session.device),
+            "world_size": session.world.size,  # processes of a data-parallel run (global batch = × batch_size)
         }
         params = {k: str(v) for k, v in params.items()}
         logged = self.client.get_run(self.run_id).data.params
@@ -236,6 +240,7 @@ class MlflowCallback:
         missing = [record for record in history if record["epoch"] not in logged]
         if missing:
             self._log_metrics(missing)
+        self._logged_epochs = logged | {record["epoch"] for record in missing}
 
     def _log_figures(self, session) -> None:
         import tempfile
@@ -294,10 +299,10 @@ class MlflowCallback:
 
 def _example_batch(session, n: int):
     """Up to ``n`` validation samples (training samples if there is no validation split) and their ids."""
-    for source, ids in ((session.val_source, session.split.val), (session.train_source, None)):
+    for source, shuffled in ((session.val_source, False), (session.train_source, True)):
         if len(source):
             x, y = next(iter(source.epoch(0)))
-            names = list(ids[:n]) if ids is not None else [f"train {i}" for i in range(n)]
+            names = [f"train {i}" for i in range(n)] if shuffled else [session.store.ids[i] for i in source.indices[:n]]
             return x[:n], y[:n], names
     return None, None, []
 
