@@ -31,6 +31,7 @@ def compare_args(store, *extra: str) -> list[str]:
 def test_compare_end_to_end(trainer_store, mlflow_db):
     from mlflow import MlflowClient
 
+    from cellseg.experiments.compare import default_name
     from cellseg.tracking.runs import resolve_tracking_uri
 
     result = runner.invoke(app, compare_args(trainer_store, "--seed", "5"))
@@ -58,8 +59,9 @@ def test_compare_end_to_end(trainer_store, mlflow_db):
     client = MlflowClient(resolve_tracking_uri())
     experiment = client.get_experiment_by_name("cellseg").experiment_id
     (parent,) = client.search_runs([experiment], filter_string="tags.`cellseg.kind` = 'compare'")
-    assert parent.data.tags["comparison"] == "cmp" and parent.info.status == "FINISHED"
-    children = client.search_runs([experiment], filter_string="tags.comparison = 'cmp' AND tags.replicate = '2'")
+    name = parent.data.tags["comparison"]
+    assert name == default_name(out) and name.startswith("cmp-") and parent.info.status == "FINISHED"
+    children = client.search_runs([experiment], filter_string=f"tags.comparison = '{name}' AND tags.replicate = '2'")
     assert sorted(c.data.tags["strategy"] for c in children) == ["all_black", "fluorescence"]
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
     assert set(per_run["mlflow_run_id"]) >= {c.info.run_id for c in children}
@@ -69,7 +71,7 @@ def test_compare_end_to_end(trainer_store, mlflow_db):
     again = runner.invoke(app, compare_args(trainer_store, "--seed", "5"))  # continues: nothing to train
     assert again.exit_code == 0, again.output
     assert read_csv(out / "compare_runs.csv", COMPARE_RUNS_SCHEMA).equals(per_run)
-    assert len(client.search_runs([experiment], filter_string="tags.comparison = 'cmp'")) == 5  # same runs
+    assert len(client.search_runs([experiment], filter_string=f"tags.comparison = '{name}'")) == 5  # same runs
 
 
 def test_bad_strategies_fail_before_training(trainer_store):

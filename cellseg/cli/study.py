@@ -98,7 +98,8 @@ def compare(
     replicates: Annotated[int, typer.Option("--replicates", rich_help_panel=COMPARISON,
                                             help="Runs per strategy, seeds --seed, --seed+1, …")] = 3,
     name: Annotated[str | None, typer.Option("--name", rich_help_panel=COMPARISON, show_default=False,
-                                             help="Comparison name in MLflow (default: the --out folder name).")]
+                                             help="Comparison name in MLflow (default: --out's folder name + a hash "
+                                                  "of its path).")]
     = None,
     log_models: Annotated[bool, typer.Option("--log-models", rich_help_panel=COMPARISON,
                                              help="Log every run's model to MLflow (large).")] = False,

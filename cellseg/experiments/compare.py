@@ -15,6 +15,7 @@ bars), all validated/logged on the parent run.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Sequence
@@ -40,6 +41,7 @@ from cellseg.errors import BadInputError, ConfigError
 from cellseg.experiments.progress import RunsProgress
 from cellseg.fileio import write_text
 from cellseg.plots import save_figure
+from cellseg.tracking.runs import check_tracking_uri, resolve_tracking_uri
 
 KIND = "compare"
 METRICS = ("accuracy", "background_accuracy", "cell_accuracy", "dice", "iou", "val_loss")
@@ -68,7 +70,7 @@ def compare(
 ) -> CompareResult:
     """Train ``strategies`` × ``replicates`` on one split and write the tables and figure to ``out``.
 
-    ``name`` identifies the comparison in MLflow (default: the folder name of ``out``);
+    ``name`` identifies the comparison in MLflow (default: ``default_name(out)``);
     ``log_models`` logs each run's model to its child run (large: off by default; the checkpoints
     in the run folders load with ``load_trained_model`` either way)."""
     from cellseg.engine.loop import fit
@@ -78,7 +80,8 @@ def compare(
     strategies = _check_strategies(config, strategies)
     if replicates < 1:
         raise ConfigError(f"--replicates {replicates}: must be at least 1")
-    name = name or re.sub(r"[^A-Za-z0-9._-]+", "-", out.resolve().name)
+    name = name or default_name(out)
+    check_tracking_uri(resolve_tracking_uri(config.tracking.uri))  # an unreachable server: fail now
     store = open_store(config.data.store)
     split = _the_split(out, store, config)
     uri, experiment = config.tracking.uri, config.tracking.experiment
@@ -116,6 +119,13 @@ def compare(
                                    if math.isfinite(row.accuracy_sd) else {})})
     return CompareResult(summary=summary, runs=runs_table, out=out, figure=figure, parent_run_id=parent_id,
                          split=split)
+
+
+def default_name(out: Path) -> str:
+    """``<folder name>-<6 hex of its absolute path>``: re-running into the same folder continues the
+    same MLflow parent run, and two folders both called ``compare`` do not share one."""
+    folder = out.resolve()
+    return f"{re.sub(r'[^A-Za-z0-9._-]+', '-', folder.name)}-{hashlib.sha1(str(folder).encode()).hexdigest()[:6]}"
 
 
 def _check_strategies(config: Config, strategies: Sequence[str]) -> list[str]:

@@ -45,7 +45,7 @@ from cellseg.data.store import open_store
 from cellseg.errors import CellsegError, ConfigError, TrackingError
 from cellseg.experiments.progress import RunsProgress
 from cellseg.fileio import write_text
-from cellseg.tracking.runs import _one_line
+from cellseg.tracking.runs import _one_line, check_tracking_uri, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,7 @@ def tune(
         raise ConfigError(f"--trials {trials}: must be at least 1")
     storage = storage or DEFAULT_STORAGE
     store = _check_data(config)
+    check_tracking_uri(resolve_tracking_uri(config.tracking.uri))  # an unreachable server: fail now
     runs_dir = Path(runs_dir or Path("runs") / "tune" / study)
     given = {"objective": objective, "lr_range": lr_range, "ratio_range": ratio_range,
              "tune_dropout": tune_dropout, "sampler_seed": sampler_seed}
@@ -146,7 +147,7 @@ def tune(
         settings = _study_settings(backend, study, given, config)
         worker = _join(backend, study)
         pruner = (optuna.pruners.MedianPruner(n_startup_trials=STARTUP_TRIALS,
-                                              n_warmup_steps=config.train.epochs_frozen)
+                                              n_warmup_steps=config.train.epochs_frozen + 1)
                   if prune else optuna.pruners.NopPruner())
         sampler = optuna.samplers.TPESampler(seed=settings.sampler_seed + worker)
         optuna_study = optuna.load_study(study_name=study, storage=backend, sampler=sampler, pruner=pruner)
