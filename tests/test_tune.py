@@ -4,6 +4,7 @@ and the study's settings kept across invocations."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -84,8 +85,9 @@ def test_tune_continues_the_study_and_best_yaml_trains(trainer_store, mlflow_db)
 def run_workers(store, study: str, storage: str | None, workers: int = 2) -> None:
     """``workers`` `cellseg tune` processes on one study at once, one trial each."""
     args = tune_args(store, study, 1, *(["--storage", storage] if storage else []))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one core each, as pytest's own process uses
     procs = [subprocess.Popen([sys.executable, "-m", "cellseg", *args], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(workers)]
+                              stderr=subprocess.STDOUT, text=True, env=env) for _ in range(workers)]
     for proc in procs:
         output, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, output
