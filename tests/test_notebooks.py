@@ -16,7 +16,7 @@ import nbformat
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-SMALL = {"model.encoder": "mobilenetv3_small_050", "data.size": 64, "train.epochs_frozen": 1, "train.epochs": 1,
+SMALL = {"model.encoder": "test_resnet", "data.size": 64, "train.epochs_frozen": 1, "train.epochs": 1,
          "train.batch_size": 2}
 
 
@@ -83,5 +83,5 @@ def test_segmentation_model_trainer_notebook_runs(tmp_path, monkeypatch, mlflow_
     for produced in ("augment_preview.png", "lr_find/lr_find.png", "runs/fluorescence/checkpoint_last.pt",
                      "compare/compare.csv", "sweep_ce/sweep_ce.csv", "predictions.png"):
         assert (work / produced).exists(), produced
-    last = notebook.cells[-1].outputs[0]["data"]["text/plain"]
-    assert "cellseg-notebook" in last  # the trained model was registered
+    shown = [o.get("data", {}).get("text/plain", "") for o in notebook.cells[-1].outputs]
+    assert any("cellseg-notebook" in text for text in shown)  # the trained model was registered

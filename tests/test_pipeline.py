@@ -117,9 +117,11 @@ def test_mlproject_entry_points_build_valid_cellseg_commands(tmp_path):
 def test_mlflow_run_tune_entry_point_with_local_env(tmp_path, trainer_store, mlflow_db):
     for name in ("MLproject", "python_env.yaml"):
         shutil.copy(ROOT / name, tmp_path / name)
-    (tmp_path / "small.yaml").write_text("model:\n  encoder: mobilenetv3_small_050\ntrain:\n  batch_size: 2\n")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    mlflow = Path(sys.executable).parent / "mlflow"
+    (tmp_path / "small.yaml").write_text("model:\n  encoder: test_resnet\ntrain:\n  batch_size: 2\n")
+    venv = Path(sys.executable).parent  # as if activated: the entry point's `cellseg` is this one
+    env = {**os.environ, "PATH": f"{venv}{os.pathsep}{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    mlflow = venv / "mlflow"
     result = subprocess.run(
         [str(mlflow), "run", str(tmp_path), "-e", "tune", "--env-manager", "local", "-P", f"data={trainer_store}",
          "-P", "trials=2", "-P", "config=small.yaml", "-P", "size=64", "-P", "epochs-frozen=0", "-P", "epochs=1",
@@ -127,7 +129,7 @@ def test_mlflow_run_tune_entry_point_with_local_env(tmp_path, trainer_store, mlf
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     best = yaml.safe_load((tmp_path / "best.yaml").read_text())
-    assert best["model"]["encoder"] == "mobilenetv3_small_050" and best["data"]["size"] == 64
+    assert best["model"]["encoder"] == "test_resnet" and best["data"]["size"] == 64
     import mlflow as ml
 
     runs = ml.search_runs(search_all_experiments=True, filter_string="tags.`cellseg.kind` = 'tune'")

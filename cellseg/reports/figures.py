@@ -26,7 +26,7 @@ def strategies_figure(table: pd.DataFrame, baseline: float | None) -> plt.Figure
     low = np.nanmin([table["accuracy"].min(), table["paper"].min(), baseline or 1.0])
     ax.set_xlim(max(0.0, math.floor((low - 0.05) * 20) / 20), 1.0)
     ax.set_xlabel("validation pixel accuracy")
-    ax.legend(frameon=False, fontsize=8, loc="lower left")
+    ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     return fig
@@ -61,13 +61,15 @@ def generalisation_figure(table: pd.DataFrame, baselines: dict[str, float | None
     width = 0.27
     for k, (key, label) in enumerate(columns):
         ax.bar(x + (k - 1) * width, table[key].fillna(0.0), width, label=label, color=f"C{k}")
+        for i in np.flatnonzero(table[key].isna().to_numpy()):
+            ax.text(x[i] + (k - 1) * width, 0.02, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
     for k, name in enumerate(("trainer", "test", "external")):
         if baselines.get(name) is not None:
             ax.axhline(baselines[name], color=f"C{k}", ls="--", lw=1, alpha=0.8)
     ax.set_xticks(x, [m.replace("_", " ") for m in table["model"]], rotation=40, ha="right")
     ax.set_ylabel("pixel accuracy (dashed: all background)")
     ax.set_ylim(0.0, 1.0)
-    ax.legend(frameon=False, fontsize=8, loc="lower left")
+    ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     return fig

@@ -309,6 +309,8 @@ class _Report:
 
     def _figure(self, name: str, fig, lines: list[str], caption: str) -> None:
         self.figures.append(save_figure(fig, self.figure_dir / name))
+        if lines and lines[-1]:
+            lines.append("")
         lines += [f"![{caption}](figures/{name})", ""]
 
     def _layout(self, name: str) -> Layout:
