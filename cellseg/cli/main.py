@@ -63,6 +63,9 @@ _register_all()
 
 
 def main() -> None:
+    from cellseg.runtime import tune_malloc
+
+    tune_malloc()
     app(prog_name="cellseg")
 
 
