@@ -68,11 +68,13 @@ def image_grid(images: Sequence[np.ndarray], titles: Sequence[str] = (), columns
 
 def lr_finder(curves: Sequence[dict[str, Any]], rule: str = "") -> plt.Figure:
     """Smoothed loss relative to its minimum vs learning rate (log axis), one line per strategy, the
-    suggested learning rate marked — the seed's "Learning Rate Finder" figure."""
+    suggested learning rate marked — the seed's "Learning Rate Finder" figure. Each curve is drawn
+    over its ``window`` (``[start, stop)``, default all points)."""
     fig, ax = plt.subplots(figsize=(6.4, 5.2))
     top = 1.0
     for curve in curves:
-        lrs, loss = np.asarray(curve["lrs"], float), np.asarray(curve["smoothed"], float)
+        shown = slice(*curve.get("window", (0, len(curve["smoothed"]))))  # the part the rules read
+        lrs, loss = np.asarray(curve["lrs"], float)[shown], np.asarray(curve["smoothed"], float)[shown]
         if not len(loss):
             continue
         relative = loss / np.nanmin(loss)

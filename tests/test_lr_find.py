@@ -41,7 +41,10 @@ def test_suggestions_follow_the_stated_rules():
     got = suggest(lrs, loss)
     assert got["steepest"] == pytest.approx(1e-3, rel=0.3)
     assert got["minimum"] == pytest.approx(lrs[np.argmin(loss)] / 10)
-    assert suggest(lrs[:2], loss[:2]) == {"steepest": None, "minimum": None}
+    assert 1e-5 < got["valley"] < 1e-2  # the middle of the long fall, well before the minimum
+    bumpy = loss + np.where(np.arange(61) % 7 == 3, 0.05, 0)  # bumps do not cut the valley short
+    assert suggest(lrs, bumpy)["valley"] == pytest.approx(got["valley"], rel=0.5)
+    assert set(suggest(lrs[:2], loss[:2]).values()) == {None}
 
 
 @pytest.mark.slow
@@ -79,7 +82,7 @@ def test_lr_find_overlays_strategies_and_logs_a_run(trainer_store, mlflow_db):
     assert "fluorescence: suggested lr" in result.output and "brightfield: suggested lr" in result.output
     assert Path("lr/lr_find.png").stat().st_size > 0
     document = json.loads(Path("lr/lr_find.json").read_text())
-    assert document["phase"] == "frozen" and document["rule"] == "steepest" and "steepest" in document["rule_text"]
+    assert document["phase"] == "frozen" and document["rule"] == "valley" and "longest valley" in document["rule_text"]
     assert set(document["curves"]) == {"fluorescence", "brightfield"}
     for curve in document["curves"].values():
         assert {"suggestion", "suggestions", "lrs", "losses", "smoothed", "stopped"} <= set(curve)

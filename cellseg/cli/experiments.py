@@ -49,8 +49,9 @@ def lr_find(
     steps: Annotated[int, _opt("--steps", help="Training steps in the sweep (fewer if the loss diverges).")] = 100,
     start_lr: Annotated[float, _opt("--start-lr", help="First learning rate.")] = 1e-7,
     end_lr: Annotated[float, _opt("--end-lr", help="Last learning rate.")] = 10.0,
-    rule: Annotated[str, _opt("--rule", help="Suggestion: steepest (fastest fall of the smoothed loss) "
-                                             "or minimum (its minimum / 10).")] = "steepest",
+    rule: Annotated[str, _opt("--rule", help="Suggestion: valley (middle of the longest fall of the smoothed "
+                                             "loss), steepest (its fastest fall) or minimum (its minimum / 10).")
+                    ] = "valley",
     unfrozen: Annotated[bool, _opt("--unfrozen", help="Sweep the whole model with phase 2's discriminative "
                                                      "rates (default: encoder frozen, as phase 1).")] = False,
     init_from: Annotated[str | None, _opt("--init-from", help="Sweep an earlier model (run folder, "
@@ -72,8 +73,9 @@ def lr_find(
     result = run(config, out, strategies, start_lr, end_lr, steps, unfrozen, rule, init_from)
     for curve in result.curves:
         shown = f"{curve.suggestion:.2e}" if curve.suggestion else "none (sweep too short)"
-        typer.echo(f"{curve.strategy}: suggested lr {shown} ({curve.rule}) · minimum/10 "
-                   f"{_e(curve.suggestions.get('minimum'))} · {len(curve.lrs)} steps, {curve.stopped}")
+        others = " · ".join(f"{rule} {_e(lr)}" for rule, lr in curve.suggestions.items() if rule != curve.rule)
+        typer.echo(f"{curve.strategy}: suggested lr {shown} ({curve.rule}) · {others} · "
+                   f"{len(curve.lrs)} steps, {curve.stopped}")
     typer.echo(f"wrote {result.png} and {result.json} · MLflow run {result.run_id}")
 
 

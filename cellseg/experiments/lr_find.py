@@ -10,9 +10,12 @@ the x axis still being ``train.lr``.
 Each step is the engine's own ``TrainingSession.train_step`` on the engine's augmented training
 batches, with AdamW as in training. The sweep stops early when the smoothed loss exceeds
 ``diverge`` × its minimum or becomes non-finite. The loss is smoothed by an exponential moving
-average with bias correction (``beta`` 0.98, as fastai). Suggestion rules (both are reported):
-``steepest`` — the learning rate where the smoothed loss falls fastest per decade, searched between
-the first points and the minimum; ``minimum`` — the learning rate of the minimum smoothed loss / 10.
+average with bias correction (``beta`` 0.98, as fastai). Suggestion rules (all are reported; the
+chosen one is the suggestion): ``valley`` (default, fastai's since 2.5) — the middle of the longest
+decreasing stretch of the smoothed loss, which tolerates bumps; ``steepest`` — where
+the smoothed loss falls fastest per decade before its minimum (none when the minimum comes first);
+``minimum`` — the learning rate of the minimum smoothed loss / 10. As in fastai, the rules read
+the curve without its first 10% and last 5 points (``window``).
 
 ``find_lr`` leaves the session as it found it: model weights and buffers, which parameters are
 trainable, their gradients, train/eval mode, and every random generator are restored afterwards,
@@ -47,6 +50,7 @@ START_LR, END_LR, STEPS = 1e-7, 10.0, 100
 DIVERGE = 4.0
 BETA = 0.98
 RULES = {
+    "valley": "middle of the longest valley of the smoothed loss (its longest decreasing run; fastai's default)",
     "steepest": "steepest descent of the smoothed loss (most negative slope per decade, before its minimum)",
     "minimum": "learning rate at the minimum of the smoothed loss, divided by 10",
 }
@@ -63,14 +67,16 @@ class LrCurve:
     smoothed: list[float]
     stopped: str  # "end of sweep", "diverged" or "non-finite loss"
     suggestions: dict[str, float | None] = field(default_factory=dict)
-    rule: str = "steepest"
+    rule: str = "valley"
 
     @property
     def suggestion(self) -> float | None:
         return self.suggestions.get(self.rule)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "suggestion": self.suggestion, "rule_text": RULES[self.rule]}
+        shown = window(len(self.smoothed))
+        return {**asdict(self), "suggestion": self.suggestion, "rule_text": RULES[self.rule],
+                "window": [shown.start, shown.stop]}
 
 
 @dataclass
@@ -108,19 +114,42 @@ class _Ema:
         return self.avg / (1 - self.beta**self.n)
 
 
+def window(n: int) -> slice:
+    """The points the suggestions read (and the plot shows), as fastai's: without the first 10% (at
+    most 10; the first batches' losses say more about those batches than about the learning rate)
+    and the last 5 (the blow-up), when that leaves at least 3."""
+    skip = min(10, n // 10)
+    end = n - 5 if n - 5 - skip >= 3 else n
+    return slice(skip, end) if end - skip >= 3 else slice(0, n)
+
+
 def suggest(lrs: Sequence[float], smoothed: Sequence[float]) -> dict[str, float | None]:
-    """Learning rate per rule of ``RULES`` (None when the sweep is too short to say)."""
-    lrs_arr, loss = np.asarray(lrs, dtype=float), np.asarray(smoothed, dtype=float)
-    if len(loss) < 3 or not np.isfinite(loss).any():
+    """Learning rate per rule of ``RULES``, read in ``window`` (None when the sweep is too short)."""
+    if len(smoothed) < 3 or not np.isfinite(smoothed).any():
         return {rule: None for rule in RULES}
+    part = window(len(smoothed))
+    lrs_arr, loss = np.asarray(lrs, dtype=float)[part], np.asarray(smoothed, dtype=float)[part]
     best = int(np.nanargmin(loss))
-    skip = min(10, len(loss) // 10)  # the first points are noise around the initial loss (fastai skips 10)
-    lo, hi = min(skip, max(best - 1, 0)), best + 1
     steepest = None
-    if hi - lo >= 3:  # the slope at the minimum itself is one-sided, so it is not a candidate
-        slope = np.gradient(loss[lo:hi], np.log10(lrs_arr[lo:hi]))[:-1]
-        steepest = float(lrs_arr[lo + int(np.argmin(slope))])
-    return {"steepest": steepest, "minimum": float(lrs_arr[best] / 10)}
+    if best >= 2:  # the slope at the minimum itself is one-sided, so it is not a candidate
+        slope = np.gradient(loss[:best + 1], np.log10(lrs_arr[:best + 1]))[:-1]
+        steepest = float(lrs_arr[int(np.argmin(slope))])
+    return {"valley": float(lrs_arr[_valley(loss)]), "steepest": steepest, "minimum": float(lrs_arr[best] / 10)}
+
+
+def _valley(loss: np.ndarray) -> int:
+    """fastai's ``valley``: the middle of the longest valley, i.e. of the span covered by the longest
+    decreasing subsequence of ``loss``. A subsequence may skip bumps, so noise does not cut the valley
+    short, and the middle stays clear of the bottom, where the loss is about to blow up."""
+    longest = np.ones(len(loss), dtype=int)  # length of the longest decreasing subsequence ending at i
+    for i in range(1, len(loss)):
+        before = longest[:i][loss[:i] > loss[i]]
+        if len(before):
+            longest[i] = before.max() + 1
+    end = int(np.argmax(longest))
+    start = max(end - int(longest[end]), 0)
+    third = (end - start) / 3
+    return start + int(third) + int(third / 2)
 
 
 def _check_rule(rule: str) -> None:
@@ -155,7 +184,7 @@ def find_lr(
     unfrozen: bool = False,
     diverge: float = DIVERGE,
     beta: float = BETA,
-    rule: str = "steepest",
+    rule: str = "valley",
     on_step: Callable[[int, float, float], None] | None = None,
 ) -> LrCurve:
     """Sweep ``session``'s model (see module doc) and return the curve; the session is left unchanged.
@@ -225,7 +254,7 @@ def lr_find(
     end_lr: float = END_LR,
     steps: int = STEPS,
     unfrozen: bool = False,
-    rule: str = "steepest",
+    rule: str = "valley",
     init_from: str | Path | None = None,
     track: bool = True,
     progress: bool = True,
