@@ -51,8 +51,11 @@ def test_suggestions_follow_the_stated_rules():
 def test_finder_leaves_the_model_and_random_state_unchanged(trainer_store, tmp_path):
     from cellseg.engine.session import TrainingSession
 
+    from cellseg.engine.schedule import set_encoder_frozen
+
     session = TrainingSession(tiny_config(trainer_store), tmp_path)
     session.model.eval()
+    set_encoder_frozen(session.model, True)  # as in phase 1: the unfrozen sweep must put this back
     before = {k: v.clone() for k, v in session.model.state_dict().items()}
     trainable = [p.requires_grad for p in session.model.parameters()]
     torch.manual_seed(123)
@@ -60,8 +63,10 @@ def test_finder_leaves_the_model_and_random_state_unchanged(trainer_store, tmp_p
     torch.manual_seed(123)
 
     curve = find_lr(session, 1e-5, 1.0, steps=4)
+    unfrozen = find_lr(session, 1e-5, 1.0, steps=3, unfrozen=True)
 
     assert len(curve.lrs) == len(curve.smoothed) >= 2 and curve.stopped in ("end of sweep", "diverged")
+    assert unfrozen.lrs[0] == curve.lrs[0] and unfrozen.losses[0] == pytest.approx(curve.losses[0])  # same start
     after = session.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and batch-norm statistics
     assert [p.requires_grad for p in session.model.parameters()] == trainable
