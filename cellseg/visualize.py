@@ -51,9 +51,17 @@ def outlines(labels) -> np.ndarray:
     return (lab != 0) & (hi != lo)
 
 
-def overlay(image, prediction, truth=None) -> np.ndarray:
-    """uint8 RGB (H, W, 3): ``image`` for display, truth outlines in green, prediction in magenta."""
+def overlay(image, prediction, truth=None, fill: float = 0.0) -> np.ndarray:
+    """uint8 RGB (H, W, 3): ``image`` for display, truth outlines in green, prediction in magenta.
+
+    ``fill`` > 0 also tints the predicted (non-background) area with that opacity, so a prediction
+    covering the whole image, which has no outline, still shows.
+    """
     rgb = display_rgb(image)
+    if fill > 0 and prediction is not None:
+        area = _numpy(prediction) != 0
+        tinted = (1 - fill) * rgb[area] + fill * np.asarray(PREDICTION_COLOUR, dtype=np.float32)
+        rgb[area] = np.clip(tinted, 0, 255).astype(np.uint8)
     for labels, colour in ((truth, TRUTH_COLOUR), (prediction, PREDICTION_COLOUR)):
         if labels is None:
             continue

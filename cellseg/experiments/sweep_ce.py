@@ -177,7 +177,7 @@ class _Predictions:
                 if len(self.images) == self.n:
                     return
                 self.images.append(overlay(x[i], None, y[i]))
-                self.overlays.append(overlay(x[i], prediction[i], y[i]))
+                self.overlays.append(overlay(x[i], prediction[i], y[i], fill=0.35))
                 self.accuracy.append(float((prediction[i] == y[i]).float().mean()))
 
 
@@ -188,7 +188,7 @@ def _predictions_figure(weights: list[float], runs: list[_Predictions], ids: lis
     rows = [[first.images[r], *(run.overlays[r] for run in runs)] for r in range(len(first.images))]
     captions = [["ground truth", *(f"accuracy {100 * run.accuracy[r]:.1f}%" for run in runs)] for r in range(len(rows))]
     return image_table(rows, ["", *(f"w = {w:g}" for w in weights)], captions, ids,
-                       heading=f"{WEIGHT_LABEL} — truth green, prediction magenta")
+                       heading=f"{WEIGHT_LABEL} — truth outlined green, prediction tinted magenta")
 
 
 @contextlib.contextmanager
