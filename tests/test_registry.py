@@ -158,7 +158,7 @@ def test_ui_runs_mlflow_on_the_default_store(monkeypatch):
     assert resolve_tracking_uri().endswith("/mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///other.db")
     runner.invoke(app, ["ui"])
-    assert calls[-1][3] == "sqlite:///other.db"
+    assert calls[-1][3] == resolve_tracking_uri() and calls[-1][3].endswith("/other.db")
 
 
 def test_ui_without_mlflow_fails_clearly(monkeypatch, tmp_path):

@@ -51,7 +51,14 @@ class TrackedRun:
             logged = self.client.get_run(self.run_id).data.params
             new = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in params.items() if k not in logged]
             for start in range(0, len(new), 100):
-                self.client.log_batch(self.run_id, params=new[start:start + 100])
+                batch = new[start:start + 100]
+                try:
+                    self.client.log_batch(self.run_id, params=batch)
+                except Exception:
+                    # another worker of the same study logged them between our read and write
+                    logged = self.client.get_run(self.run_id).data.params
+                    if any(p.key not in logged for p in batch):
+                        raise
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
