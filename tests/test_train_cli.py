@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from cellseg.cli.main import app
 from cellseg.cli.options import TrainingOptions, with_options
 from cellseg.errors import ConfigError
+from experiments_support import one_line_error
 
 runner = CliRunner()
 TINY = ["--size", "64", "--batch-size", "2", "--epochs-frozen", "1", "--epochs", "1", "--device", "cpu"]
@@ -21,14 +22,6 @@ TINY = ["--size", "64", "--batch-size", "2", "--epochs-frozen", "1", "--epochs",
 
 def invoke(*args: str):
     return runner.invoke(app, list(args))
-
-
-def one_line_error(result, *needles: str) -> None:
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_options_map_to_config_keys(tmp_path):
