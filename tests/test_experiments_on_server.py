@@ -26,7 +26,7 @@ def test_tune_and_compare_log_to_a_tracking_server(trainer_store, mlflow_server,
     from mlflow import MlflowClient
 
     common = ["--data", str(trainer_store), "--config", small_encoder_file(), "--tracking-uri", mlflow_server,
-              "--experiment", "over-http", *TINY_FIT]
+              "--experiment", "experiments-over-http", *TINY_FIT]
     tuned = runner.invoke(app, ["tune", "--study", "http-study", "--trials", "1", "--out", "best.yaml", *common])
     assert tuned.exit_code == 0, tuned.output
     compared = runner.invoke(app, ["compare", "--strategies", "fluorescence,all_black", "--replicates", "1",
@@ -34,7 +34,7 @@ def test_tune_and_compare_log_to_a_tracking_server(trainer_store, mlflow_server,
     assert compared.exit_code == 0, compared.output
 
     client = MlflowClient(tracking_uri=mlflow_server)
-    experiment = client.get_experiment_by_name("over-http").experiment_id
+    experiment = client.get_experiment_by_name("experiments-over-http").experiment_id
     runs = client.search_runs([experiment])
     tune_children = [r for r in runs if r.data.tags.get("study") == "http-study" and r.data.tags.get("mlflow.parentRunId")]
     compare_children = [r for r in runs if r.data.tags.get("strategy") in {"fluorescence", "all_black"}
