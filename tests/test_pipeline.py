@@ -75,7 +75,8 @@ def test_every_stage_command_is_a_valid_cellseg_command(profile, tmp_path):
     for stage in found.values():
         for line in stage.cmd if isinstance(stage.cmd, list) else [stage.cmd]:
             assert "${" not in line
-            parse_cellseg(line)
+            if not line.startswith("mkdir -p "):
+                parse_cellseg(line)
     assert len(graph.nodes) == len(found)  # one connected pipeline: report depends on everything
     report = found["report"]
     import networkx as nx
