@@ -155,7 +155,7 @@ def fake_results(root: Path) -> None:
     summary["cell_accuracy_mean"] = [0.8] * 6 + [0.0]
     summary["background_accuracy_mean"] = [0.97] * 6 + [1.0]
     summary.to_csv(root / "compare" / "compare.csv", index=False)
-    runs = pd.DataFrame([{"strategy": s, "replicate": 1, "epoch": e, "accuracy": a - 0.01 * (3 - e)}
+    runs = pd.DataFrame([{"strategy": s, "replicate": 1, "epoch": e, "accuracy": a - 0.01 * (3 - e), "cell_accuracy": 0.8}
                          for s, a in STRATEGIES.items() for e in (1, 2, 3)])
     runs.to_csv(root / "compare" / "compare_runs.csv", index=False)
     (root / "sweep_ce").mkdir()
@@ -206,13 +206,15 @@ def test_report_from_fake_results_states_computed_claims(tmp_path, trainer_store
     assert "20 are in the paper's order, 1 reversed and 0 within replicate noise" in text
     assert "ours is membrane (the paper's best is fluorescence)" in text
     assert "predicts background everywhere" in text and "Every strategy beats all black" in text
-    assert "ours at w = 1, the paper's at w = 1 (matches)" in text and "rises to the peak and falls after it" in text
+    assert "ours is highest at w = 1, the paper's at w = 1 (matches)" in text
+    assert "rises to one peak inside the range and falls after it (the paper's does)" in text
     assert "wrong cell pixels fall (Spearman ρ -1.00) and wrong background pixels rise (ρ +1.00)" in text
     assert "ours does too" in text  # 0.80 at w=100 < 0.85 at w=0.01, as the paper's 83.6 < 88.7
     assert "cell weight w = 2 relative to background" in text
     assert "| cytoplasm | 0,0,0 | 93.0% | 70.0% | -23.0 pts | cyto_total | 88.0% (codes 0,0,0) |" in text
     assert "n/a: input 1 (code 3) reads memb_total" in text
-    assert "models reading the relabelled channels (best, cytoplasm) change by -15.5 pts" in text
+    assert ("models reading the relabelled channels (best, cytoplasm) change by -15.5 pts on average from trainer "
+            "to test; models not reading them (membrane) change by -1.0 pts.") in text
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
     assert metrics["ordering"]["reversed"] == 1 and metrics["ce_shape"]["peak_weight"] == 1.0
     assert metrics["strategies"]["all_black"]["paper"] == 0.81 and metrics["generalisation"]["membrane"]["external"] is None
@@ -227,3 +229,14 @@ def test_report_of_a_pipeline_that_has_not_run_says_so(tmp_path):
     assert result.exit_code == 0, result.output
     text = (tmp_path / "r" / "paper.md").read_text()
     assert "Not run (no results/compare/compare.csv)" in text and "Not run (no results/generalisation)" in text
+
+
+def test_a_flat_ce_peak_is_reported_as_a_plateau_not_as_the_paper_s_shape():
+    from cellseg.reports.analysis import ce_shape
+    from cellseg.reports.paper import _peak_verdict
+
+    flat = pd.DataFrame({"weight": [0.01, 0.1, 1, 10, 100], "peak_accuracy": [0.84, 0.84, 0.84, 0.57, 0.16],
+                         "wrong_cell": [1, 1, 1, 0.7, 0], "wrong_background": [0, 0, 0, 0.4, 1]})
+    shape = ce_shape(flat)
+    assert shape.peak_weights == [0.01, 0.1, 1.0] and not shape.rises_then_falls and shape.high_end_lower is None
+    assert _peak_verdict(shape.peak_weights, [1.0]) == "the paper's peak is on our plateau, which is wider"

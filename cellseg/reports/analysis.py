@@ -29,6 +29,7 @@ PAPER_CE_PEAK = {0.01: 0.887, 0.1: 0.945, 1.0: 0.968, 10.0: 0.944, 100.0: 0.836}
 PAPER_TRAINING = {"size": 400, "epochs-frozen": 5, "epochs": 100, "batch-size": 4}
 PAPER_DATA = {"trainer": (275, 175), "test": (96, 60), "external": (264, 122)}
 LEARNED_NOTHING = 0.05  # final cell accuracy below this: the model predicts (almost) only background
+BASELINE_MARGIN = 0.001  # "above the all-background accuracy" means by more than this
 
 
 def strategy_table(results: Results) -> pd.DataFrame | None:
@@ -100,12 +101,14 @@ def ce_table(results: Results) -> pd.DataFrame | None:
 
 @dataclass
 class CeShape:
-    peak_weight: float
-    rises_then_falls: bool  # non-decreasing up to the peak, non-increasing after it
-    ends_below_peak: bool  # both extreme weights below the peak
+    peak_weights: list[float]  # the weights whose accuracy is within PEAK_TOLERANCE of the best
+    rises_then_falls: bool  # one peak inside the range: non-decreasing up to it, non-increasing after
     rho_wrong_cell: float  # Spearman: weight vs wrong cell pixels (the paper's trade-off: negative)
     rho_wrong_background: float  # weight vs wrong background pixels (positive)
     high_end_lower: bool | None  # accuracy at the highest weight below that at the lowest (paper: yes)
+
+
+PEAK_TOLERANCE = 0.001  # accuracies this close count as the same peak (a plateau)
 
 
 def ce_shape(table: pd.DataFrame, column: str = "peak_accuracy") -> CeShape | None:
@@ -114,16 +117,18 @@ def ce_shape(table: pd.DataFrame, column: str = "peak_accuracy") -> CeShape | No
     values = table[column].tolist()
     if len(values) < 3 or any(not math.isfinite(v) for v in values):
         return None
-    peak = max(range(len(values)), key=values.__getitem__)
-    rising = all(values[i] <= values[i + 1] for i in range(peak))
-    falling = all(values[i] >= values[i + 1] for i in range(peak, len(values) - 1))
+    best = max(values)
+    at_peak = [i for i, v in enumerate(values) if v >= best - PEAK_TOLERANCE]
+    first, last = at_peak[0], at_peak[-1]
+    inside = first > 0 and last < len(values) - 1
+    rising = all(values[i] <= values[i + 1] for i in range(first))
+    falling = all(values[i] >= values[i + 1] for i in range(last, len(values) - 1))
     return CeShape(
-        peak_weight=float(table["weight"].iloc[peak]),
-        rises_then_falls=rising and falling,
-        ends_below_peak=values[0] < values[peak] and values[-1] < values[peak],
+        peak_weights=[float(table["weight"].iloc[i]) for i in at_peak],
+        rises_then_falls=inside and rising and falling,
         rho_wrong_cell=_spearman(spearmanr, table["weight"], table["wrong_cell"]),
         rho_wrong_background=_spearman(spearmanr, table["weight"], table["wrong_background"]),
-        high_end_lower=values[-1] < values[0] if peak not in (0, len(values) - 1) else None,
+        high_end_lower=values[-1] < values[0] if inside else None,
     )
 
 
@@ -148,7 +153,8 @@ def generalisation_table(results: Results, test_layout: Layout | None,
         rows.append({
             "model": model,
             "codes": codes,
-            "trainer_val": _trainer_accuracy(results, model),
+            "trainer_val": _trainer_metric(results, model, "accuracy"),
+            "trainer_cell_accuracy": _trainer_metric(results, model, "cell_accuracy"),
             "test": test.accuracy if test else math.nan,
             "test_cell_accuracy": _cell(test),
             "relabelled": relabelled,
@@ -159,20 +165,23 @@ def generalisation_table(results: Results, test_layout: Layout | None,
         })
     table = pd.DataFrame(rows)
     table["test_change"] = table["test"] - table["trainer_val"]
-    table["beats_test_baseline"] = table["test"] > (baselines.get("test") or math.nan)
-    table["beats_external_baseline"] = table["external"] > (baselines.get("external") or math.nan)
+    table["learned"] = table["trainer_cell_accuracy"] >= LEARNED_NOTHING
+    for name in ("test", "external"):
+        floor = baselines.get(name)
+        table[f"beats_{name}_baseline"] = table[name] > (math.nan if floor is None else floor + BASELINE_MARGIN)
     return table
 
 
-def _trainer_accuracy(results: Results, model: str) -> float:
-    """The final validation accuracy the model reached on the trainer split it was trained with."""
+def _trainer_metric(results: Results, model: str, key: str) -> float:
+    """The model's final validation value of ``key`` on the trainer split it was trained with."""
     if model == "best" and results.best_history:
-        return float(results.best_history[-1].get("accuracy") or math.nan)
+        value = results.best_history[-1].get(key)
+        return float(value) if isinstance(value, (int, float)) else math.nan
     runs = results.compare_runs
-    if runs is None:
+    if runs is None or key not in runs:
         return math.nan
     mine = runs[(runs["strategy"] == model) & (runs["replicate"] == 1)].sort_values("epoch")
-    return float(mine["accuracy"].iloc[-1]) if len(mine) else math.nan
+    return float(mine[key].iloc[-1]) if len(mine) else math.nan
 
 
 def _relabelled(codes: list[int] | None, layout_name: str | None, test: Layout | None) -> list[str] | None:

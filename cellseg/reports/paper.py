@@ -205,17 +205,16 @@ class _Report:
         ours, paper = an.ce_shape(table), an.paper_ce_shape()
         if ours is None:
             return lines + ["- The trade-off shape cannot be judged: some accuracies are missing.", ""]
-        self.metrics["ce_shape"] = {"peak_weight": ours.peak_weight, "rises_then_falls": ours.rises_then_falls,
-                                    "rho_wrong_cell": ours.rho_wrong_cell,
+        self.metrics["ce_shape"] = {"peak_weight": ours.peak_weights[0] if len(ours.peak_weights) == 1 else None,
+                                    "rises_then_falls": ours.rises_then_falls, "rho_wrong_cell": ours.rho_wrong_cell,
                                     "rho_wrong_background": ours.rho_wrong_background}
         said = [
-            f"**Peak:** ours at w = {ours.peak_weight:g}, the paper's at w = {paper.peak_weight:g} "
-            f"({'matches' if math.isclose(ours.peak_weight, paper.peak_weight) else 'does not match'}).",
-            "**Shape:** our peak accuracy " + ("rises to the peak and falls after it" if ours.rises_then_falls
-                                                 else "does not rise to one peak and fall after it") +
-            f" (the paper's {'does' if paper.rises_then_falls else 'does not'}); both extreme weights are "
-            f"{'below' if ours.ends_below_peak else 'not both below'} the peak (paper: "
-            f"{'below' if paper.ends_below_peak else 'not both below'}).",
+            f"**Peak:** ours is highest at w = {_weights(ours.peak_weights)}, the paper's at w = "
+            f"{_weights(paper.peak_weights)} ({_peak_verdict(ours.peak_weights, paper.peak_weights)}).",
+            "**Shape:** our peak accuracy " + ("rises to one peak inside the range and falls after it"
+                                               if ours.rises_then_falls
+                                               else "does not rise to one peak inside the range and fall after it") +
+            f" (the paper's {'does' if paper.rises_then_falls else 'does not'}).",
             _tradeoff_sentence(ours),
         ]
         if ours.high_end_lower is not None:
@@ -257,7 +256,9 @@ class _Report:
                                                               "dice", "iou")}
             self._figure("best_learning_curves.png", learning_curves(history), lines,
                          "The registered model's learning curves")
-        return lines + [""] if len(lines) > 2 else []
+        if len(lines) <= 2:
+            return []
+        return lines if lines[-1] == "" else lines + [""]
 
     def _generalisation(self) -> list[str]:
         test_layout = self._layout("test")
@@ -322,6 +323,19 @@ class _Report:
         return open_store(path).layout if path.is_dir() else load_layout(name)
 
 
+def _weights(weights: list[float]) -> str:
+    text = [f"{w:g}" for w in weights]
+    return text[0] if len(text) == 1 else ", ".join(text[:-1]) + " and " + text[-1] + " (a plateau)"
+
+
+def _peak_verdict(ours: list[float], paper: list[float]) -> str:
+    if ours == paper:
+        return "matches"
+    if set(paper) <= set(ours):
+        return "the paper's peak is on our plateau, which is wider"
+    return "does not match"
+
+
 def _tradeoff_sentence(shape: an.CeShape) -> str:
     cell, background = shape.rho_wrong_cell, shape.rho_wrong_background
     if math.isnan(cell) or math.isnan(background):
@@ -336,16 +350,25 @@ def _tradeoff_sentence(shape: an.CeShape) -> str:
 def _generalisation_sentences(table, baselines: dict[str, float | None]) -> list[str]:
     said = []
     known = table[table["relabelled"].notna() & table["test"].notna() & table["trainer_val"].notna()]
-    if len(known):
-        reads = known[known["relabelled"].map(bool)]
-        spared = known[~known["relabelled"].map(bool)]
+    learned = known[known["learned"]]
+    if len(known) and not len(learned):
+        said.append("**Test (ER instead of cytoplasm):** no model learned anything on trainer (cell accuracy < 5% "
+                    "on its validation split), so the change from trainer to test says nothing about labels here.")
+    elif len(learned):
+        reads = learned[learned["relabelled"].map(bool)]
+        spared = learned[~learned["relabelled"].map(bool)]
         parts = []
         if len(reads):
             parts.append(f"models reading the relabelled channels ({', '.join(reads['model'])}) change by "
                          f"{_pts(reads['test_change'].mean())} on average from trainer to test")
+        else:
+            parts.append("no model reading the relabelled channels learned anything on trainer")
         if len(spared):
-            parts.append(f"the others ({', '.join(spared['model'])}) by {_pts(spared['test_change'].mean())}")
-        said.append("**Test (ER instead of cytoplasm):** " + "; ".join(parts) + ".")
+            parts.append(f"models not reading them ({', '.join(spared['model'])}) change by "
+                         f"{_pts(spared['test_change'].mean())}")
+        left_out = sorted(set(known["model"]) - set(learned["model"]))
+        note = (f" (left out, cell accuracy < 5% on trainer: {', '.join(left_out)})" if left_out else "")
+        said.append("**Test (ER instead of cytoplasm):** " + "; ".join(parts) + note + ".")
     for name, column in (("test", "beats_test_baseline"), ("external", "beats_external_baseline")):
         scored = table[table[name].notna()]
         if len(scored) and baselines.get(name) is not None:
