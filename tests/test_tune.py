@@ -4,6 +4,7 @@ and the study's settings kept across invocations."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -187,3 +188,51 @@ def test_history_figure_and_table_from_trials(tmp_path):
     table = trials_table(study.trials)
     assert list(table["state"]) == ["COMPLETE", "PRUNED", "COMPLETE"] and "param_lr" in table
     assert save_figure(history_figure(study.trials, StudySettings()), tmp_path / "h.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_killed_postgres_worker_is_retried_from_its_checkpoint(trainer_store, mlflow_db, postgres_url):
+    """SIGKILL a worker mid-trial; the next worker fails the silent trial and retries it with the same
+    parameters, continuing the dead trial's run folder and MLflow run from its last checkpoint."""
+    import signal
+    import time
+    import uuid
+
+    import optuna
+
+    name = f"kill-{uuid.uuid4().hex[:8]}"
+    args = tune_args(trainer_store, name, 1, "--storage", postgres_url, "--heartbeat", "1", "--epochs", "8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worker = subprocess.Popen([sys.executable, "-m", "cellseg", *args], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env=env)
+    storage = optuna.storages.RDBStorage(postgres_url)  # one connection pool for all the polling
+    deadline = time.monotonic() + 240
+    while True:  # kill once the trial has reported (and checkpointed) an epoch
+        assert worker.poll() is None and time.monotonic() < deadline, "the worker ended before it was killed"
+        with contextlib.suppress(KeyError):  # the study does not exist yet
+            trials = optuna.load_study(study_name=name, storage=storage).trials
+            if trials and trials[0].intermediate_values:
+                break
+        time.sleep(0.2)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    killed = optuna.load_study(study_name=name, storage=storage).trials[0]
+    assert killed.state == optuna.trial.TrialState.RUNNING
+    epochs_done = max(killed.intermediate_values) + 1
+    time.sleep(3.5)  # 3 missed heartbeats
+
+    resumed = subprocess.run([sys.executable, "-m", "cellseg", *args], capture_output=True, text=True, env=env,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr + resumed.stdout
+    assert "trial 1 complete" in resumed.stderr + resumed.stdout and "retry of trial 0" in resumed.stderr + resumed.stdout
+    first, retry = optuna.load_study(study_name=name, storage=storage).trials
+    assert first.state == optuna.trial.TrialState.FAIL and retry.state == optuna.trial.TrialState.COMPLETE
+    assert retry.params == first.params and retry.system_attrs["failed_trial"] == 0
+    assert retry.user_attrs["run_dir"] == first.user_attrs["run_dir"]  # continued, not started over
+    assert min(retry.intermediate_values) >= epochs_done  # it trained only the epochs left
+
+    parents, children, client = study_runs(name)
+    (child,) = children  # the dead trial's MLflow run, continued and finished
+    assert child.info.status == "FINISHED"
+    assert child.data.tags["trial"] == "1" and child.data.tags["retry_of"] == "0"
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "val_loss")] == list(range(1, 9))  # epochs 1..8, each once

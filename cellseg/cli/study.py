@@ -59,6 +59,9 @@ def tune(
                                              help="Train every trial to the end.")] = False,
     runs_dir: Annotated[Path | None, typer.Option("--runs-dir", rich_help_panel=STUDY, show_default=False,
                                                   help="Trial run folders (default runs/tune/STUDY).")] = None,
+    heartbeat: Annotated[int, typer.Option("--heartbeat", rich_help_panel=STUDY,
+                                           help="Seconds between a trial's heartbeats on RDB storage; a trial "
+                                                "silent for 3 is a killed worker's and is retried.")] = 60,
 ) -> None:
     """Tune the learning rate and cross-entropy class weights with Optuna (TPE, median pruning); each
     trial a child MLflow run of the study's run. Re-running continues the study; start the same
@@ -77,7 +80,8 @@ def tune(
     typer.echo(f"study {study} · storage {redact(storage)} · MLflow {uri}", err=True)
     result = run_tune(config, study, trials, storage=storage, out=out, runs_dir=runs_dir, objective=objective,
                       lr_range=_range("--lr-range", lr_range), ratio_range=_range("--ratio-range", ratio_range),
-                      tune_dropout=tune_dropout, sampler_seed=sampler_seed, prune=not no_pruning)
+                      tune_dropout=tune_dropout, sampler_seed=sampler_seed, prune=not no_pruning,
+                      heartbeat=heartbeat)
     params = " · ".join(f"{k} {v:.4g}" for k, v in result.best_params.items())
     typer.echo(f"best: trial {result.best_trial} {result.settings.objective} {result.best_value:.4f} · {params} "
                f"({result.trials} trials in the study)")

@@ -4,9 +4,14 @@ and merge dropout), every trial one ``fit`` of the engine.
 - **Storage** (``storage``): a plain path is an Optuna journal file (default ``./optuna.journal``:
   safe for several processes on one machine or on a shared filesystem), any other value an RDB URL
   (``sqlite:///…`` for one process — concurrent SQLite writers hit "database is locked";
-  ``postgresql://…`` for workers on several machines, with a heartbeat so a killed worker's trial is
-  failed and retried once). Re-running continues the study (``load_if_exists``); ``trials`` is the
-  number of trials *this* process runs, so two workers with ``trials=5`` add 10.
+  ``postgresql://…`` for workers on several machines). Re-running continues the study
+  (``load_if_exists``); ``trials`` is the number of trials *this* process runs, so two workers with
+  ``trials=5`` add 10.
+- **A killed worker** (RDB storage): each running trial beats every ``heartbeat`` seconds; the next
+  worker to start a trial fails one silent for 3 heartbeats and Optuna enqueues it once more with the
+  same parameters. The retry continues the dead trial's run folder from its last checkpoint (and its
+  MLflow run) when this machine sees that folder, so a trial killed at epoch 90 does not start over.
+  The journal file has no heartbeat: there a killed worker's trial stays RUNNING.
 - **A study keeps its settings**: objective, search space and sampler seed are stored as study user
   attrs when it is created and reused by later invocations (``None`` = the study's value); so are the
   trained-for settings (epochs, size, strategy …), which every trial must share to be comparable.
@@ -42,6 +47,7 @@ from cellseg.config import Config
 from cellseg.data.codes import resolve_codes
 from cellseg.data.split import make_split
 from cellseg.data.store import open_store
+from cellseg.engine.checkpoint import checkpoint_path
 from cellseg.errors import CellsegError, ConfigError, TrackingError
 from cellseg.experiments.progress import RunsProgress
 from cellseg.fileio import write_text
@@ -53,7 +59,7 @@ OBJECTIVES = ("accuracy", "background_accuracy", "cell_accuracy", "dice", "iou",
 DEFAULT_STORAGE = "optuna.journal"
 KIND = "tune"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a folder name and an MLflow filter value
-HEARTBEAT_S, GRACE_S = 60, 180  # RDB storage: a trial silent for 3 min belongs to a dead worker
+HEARTBEAT_S = 60  # RDB storage: a trial silent for 3 heartbeats belongs to a dead worker
 TABLE_RACE_RETRIES = 3
 STARTUP_TRIALS = 5  # MedianPruner: complete this many trials before pruning any
 DROPOUT_RANGE = (0.0, 0.9)
@@ -124,6 +130,7 @@ def tune(
     tune_dropout: bool | None = None,
     sampler_seed: int | None = None,
     prune: bool = True,
+    heartbeat: int = HEARTBEAT_S,
     show_progress: bool = True,
 ) -> TuneResult:
     """Run ``trials`` trials of study ``study`` (created or continued) and write the best trial's full
@@ -136,6 +143,8 @@ def tune(
         raise ConfigError(f"--study {study!r}: use letters, digits, '.', '_' or '-' (it names a folder)")
     if trials < 1:
         raise ConfigError(f"--trials {trials}: must be at least 1")
+    if heartbeat < 1:
+        raise ConfigError(f"--heartbeat {heartbeat}: must be at least 1 second")
     storage = storage or DEFAULT_STORAGE
     store = _check_data(config)
     check_tracking_uri(resolve_tracking_uri(config.tracking.uri))  # an unreachable server: fail now
@@ -143,7 +152,7 @@ def tune(
     given = {"objective": objective, "lr_range": lr_range, "ratio_range": ratio_range,
              "tune_dropout": tune_dropout, "sampler_seed": sampler_seed}
     with _optuna_quiet():
-        backend = open_storage(storage)
+        backend = open_storage(storage, heartbeat)
         settings = _study_settings(backend, study, given, config)
         worker = _join(backend, study)
         pruner = (optuna.pruners.MedianPruner(n_startup_trials=STARTUP_TRIALS,
@@ -175,8 +184,9 @@ def tune(
     return result
 
 
-def open_storage(url: str):
-    """A plain path → JournalStorage on that file; anything with ``://`` → RDBStorage (see module doc)."""
+def open_storage(url: str, heartbeat: int = HEARTBEAT_S):
+    """A plain path → JournalStorage on that file; anything with ``://`` → RDBStorage with a heartbeat
+    every ``heartbeat`` seconds (see module doc)."""
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -196,7 +206,7 @@ def open_storage(url: str):
             with warnings.catch_warnings():  # the heartbeat has been "experimental" since Optuna 2.8
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(
-                    url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                    url, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
                     heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
                 )
         except (IntegrityError, ProgrammingError) as exc:
@@ -296,22 +306,39 @@ class _Objective:
 
         overrides = self.settings.suggest(trial, self.config.model.num_classes)
         config = self.config.with_overrides(overrides)
-        run_dir = self.runs_dir / f"trial-{trial.number}"
+        retry_of = _frozen(trial).system_attrs.get("failed_trial")
+        killed_run = _checkpointed_run_of(_frozen(trial)) if retry_of is not None else None
+        run_dir = killed_run or self.runs_dir / f"trial-{trial.number}"
         trial.set_user_attr("config", config.to_dict())
         trial.set_user_attr("run_dir", str(run_dir.resolve()))
         tags = {"study": self.study, "trial": trial.number,
+                **({"retry_of": retry_of} if retry_of is not None else {}),
                 **{f"param.{k}": _fmt(v) for k, v in trial.params.items()}}
         mlflow_cb = self.parent.child_callback(tags, run_name=f"trial-{trial.number}", register=False,
                                                log_model=False)
         # Pruning last: the epoch is logged before a prune stops the fit.
         callbacks = [mlflow_cb, self.progress.epochs(), _Pruning(trial, self.settings.objective)]
         try:
-            result = fit(config, run_dir, callbacks=callbacks, split=self.split)
+            result = fit(config, run_dir, resume=killed_run is not None, callbacks=callbacks, split=self.split)
         finally:
             if mlflow_cb.run_id:
                 trial.set_user_attr("mlflow_run_id", mlflow_cb.run_id)
         value = result.final.get(self.settings.objective, math.nan)
         return float("nan") if value is None else float(value)
+
+
+def _frozen(trial):
+    """The trial as stored (system attrs included: Optuna marks a retry there)."""
+    return next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+
+
+def _checkpointed_run_of(retry) -> Path | None:
+    """The run folder of the dead trial that ``retry`` repeats (its user attrs are copied over), when
+    it holds a checkpoint this machine can read; None → the retry starts afresh."""
+    run_dir = retry.user_attrs.get("run_dir")
+    if run_dir and checkpoint_path(Path(run_dir)).is_file():
+        return Path(run_dir)
+    return None
 
 
 class _Pruning:
@@ -353,7 +380,9 @@ class _Report:
         best_text = f" · best {best.value:.4f} (trial {best.number})" if best else ""
         if trial.state.name == "COMPLETE":
             self._log({objective: trial.value, **({f"best_{objective}": best.value} if best else {})}, trial.number)
-        line = f"trial {trial.number} {state} {what} · {params} · {seconds:.0f} s{best_text}"
+        retry_of = trial.system_attrs.get("failed_trial")
+        retried = f" · retry of trial {retry_of}" if retry_of is not None else ""
+        line = f"trial {trial.number} {state} {what} · {params} · {seconds:.0f} s{retried}{best_text}"
         self.progress.done(line)
 
     def _log(self, metrics: dict[str, float], step: int) -> None:

@@ -192,6 +192,8 @@ class MlflowCallback:
             log.warning("MLflow: run %s of the checkpoint was deleted; starting a new run", self.run_id)
             return False
         self.client.update_run(self.run_id, status="RUNNING")
+        for key, value in self.tags.items():  # e.g. a retried trial continuing a dead trial's run
+            self.client.set_tag(self.run_id, key, value)
         return True
 
     def _tags(self, session) -> dict[str, str]:
