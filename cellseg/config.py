@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from cellseg.errors import ConfigError
+from cellseg.errors import ConfigError, validation_message
 from cellseg.resources import config_file
 from cellseg.yamlio import read_yaml
 
@@ -75,6 +75,8 @@ class TrainConfig(_Section):
     ce_weights: list[float] = Field([1.0, 1.0], description="Cross-entropy weight per class.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_every: int = Field(1, ge=1)
+    precise_bn: bool = Field(False, description="Before each validation, BatchNorm statistics re-estimated "
+                                                "over the epoch's training batches (short runs, small data).")
 
     @field_validator("ce_weights")
     @classmethod
@@ -150,9 +152,7 @@ def _validate(raw: dict[str, Any], source: str) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{source}: invalid value for '{loc}' ({first['msg']})") from None
+        raise ConfigError(f"{source}: invalid value ({validation_message(exc)})") from None
 
 
 def default_config_path() -> Path:

@@ -22,3 +22,10 @@ class ConfigError(CellsegError):
 
 class TrackingError(CellsegError):
     """The MLflow tracking server or model registry cannot be used."""
+
+
+def validation_message(exc) -> str:
+    """A pydantic ``ValidationError`` as one line: the first error's dotted location and message."""
+    first = exc.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    return f"{loc}: {first['msg']}" if loc else first["msg"]

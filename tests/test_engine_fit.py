@@ -186,3 +186,47 @@ def test_a_logging_failure_mid_training_loses_nothing(trainer_store, mlflow_db, 
     assert len(result.history) == 2
     assert load_checkpoint(tmp_path / "run")["epoch"] == 2
     assert "could not log epoch 1" in caplog.text and "training continues" in caplog.text
+
+
+def test_precise_bn_sets_running_statistics_to_the_training_set_average(trainer_store, tmp_path):
+    """``train.precise_bn``: before validation, every BatchNorm's running mean is the exact average of
+    its inputs over the epoch's (unaugmented) training batches, not an exponential average."""
+    from cellseg.engine.session import TrainingSession
+
+    session = TrainingSession(tiny_config(trainer_store, **{"train.precise_bn": True}), tmp_path / "run")
+    bn = next(m for m in session.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    inputs: list[torch.Tensor] = []
+    hook = bn.register_forward_hook(lambda module, args, out: inputs.append(args[0].detach().clone()))
+    session.model.train()
+    with torch.no_grad():
+        for x, _ in session.train_batches(0):  # a few ordinary EMA updates first
+            session.model(x)
+    inputs.clear()
+    session.recalibrate_batch_norm(0)
+    hook.remove()
+    batches = list(session.train_source.epoch(0))
+    assert len(inputs) == len(batches) >= 2
+    exact = torch.stack([i.mean(dim=(0, 2, 3)) for i in inputs]).mean(0)  # equal-sized batches
+    torch.testing.assert_close(bn.running_mean, exact, rtol=1e-4, atol=1e-5)
+    assert bn.momentum == 0.1  # restored for training
+
+
+def test_precise_bn_option_reaches_the_run_config(trainer_store, tmp_path):
+    from typer.testing import CliRunner
+
+    from cellseg.cli.main import app
+
+    small = tmp_path / "small.yaml"
+    small.write_text(f"model:\n  encoder: {SMALL_ENCODER}\n")
+    result = CliRunner().invoke(app, ["train", "--data", str(trainer_store), "--profile", "quick", "--config", str(small),
+                                      "--size", "64", "--epochs-frozen", "0", "--epochs", "1", "--batch-size", "2",
+                                      "--device", "cpu", "--run-dir", "run", "--no-register",
+                                      "--tracking-uri", "sqlite:///m.db"])
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint("run")["config"]["train"]["precise_bn"] is True  # the quick profile's
+    off = CliRunner().invoke(app, ["train", "--data", str(trainer_store), "--profile", "quick", "--config", str(small),
+                                   "--no-precise-bn", "--size", "64", "--epochs-frozen", "0", "--epochs", "1",
+                                   "--device", "cpu", "--run-dir", "run2", "--no-register",
+                                   "--tracking-uri", "sqlite:///m.db"])
+    assert off.exit_code == 0, off.output
+    assert load_checkpoint("run2")["config"]["train"]["precise_bn"] is False

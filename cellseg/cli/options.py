@@ -51,6 +51,9 @@ class TrainingOptions:
     ce_weights: Annotated[str | None, _opt("--ce-weights", help="Cross-entropy weight per class, e.g. 1,1.")] = None
     channel_dropout: Annotated[float | None, _opt("--channel-dropout", help="P(black) for codes >= 200.")] = None
     merge_dropout: Annotated[float | None, _opt("--merge-dropout", help="P(leave out) per merged channel.")] = None
+    precise_bn: Annotated[bool | None, _opt("--precise-bn/--no-precise-bn",
+                                            help="Re-estimate BatchNorm statistics over the training set before "
+                                                 "each validation (short runs, small datasets).")] = None
     device: Annotated[str | None, _opt("--device", help="auto, cpu or cuda.")] = None
     seed: Annotated[int | None, _opt("--seed", help="Seed for split, weights, draws and augmentation.")] = None
 
@@ -68,6 +71,7 @@ class TrainingOptions:
             "train.batch_size": self.batch_size,
             "train.lr": self.lr,
             "train.ce_weights": _floats("--ce-weights", self.ce_weights) if self.ce_weights is not None else None,
+            "train.precise_bn": self.precise_bn,
             "train.device": self.device,
             "seed": self.seed,
         }

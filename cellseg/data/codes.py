@@ -25,7 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cellseg.data.layouts import Layout, load_layout
-from cellseg.errors import ConfigError
+from cellseg.errors import ConfigError, validation_message
 from cellseg.resources import config_file
 from cellseg.yamlio import read_yaml
 
@@ -94,12 +94,6 @@ def _read_section(path: Path, section: str) -> dict:
     return raw.get(section) or {}
 
 
-def _first_error(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    return f"{loc}: {first['msg']}" if loc else first["msg"]
-
-
 def load_codebook(paths: list[Path] | None = None) -> dict[int, CodeDef]:
     """Codes 51–199: the shipped codes.yaml, then each user file (``CELLSEG_CODES`` by default)."""
     book: dict[int, CodeDef] = {}
@@ -110,7 +104,7 @@ def load_codebook(paths: list[Path] | None = None) -> dict[int, CodeDef]:
             try:
                 book[key] = CodeDef.model_validate(entry)
             except ValidationError as exc:
-                raise ConfigError(f"{path}: invalid loading code {key} ({_first_error(exc)})") from None
+                raise ConfigError(f"{path}: invalid loading code {key} ({validation_message(exc)})") from None
     return book
 
 
@@ -122,7 +116,7 @@ def load_strategy_defs(paths: list[Path] | None = None) -> dict[str, StrategyDef
             try:
                 book[str(name)] = StrategyDef.model_validate(entry)
             except ValidationError as exc:
-                raise ConfigError(f"{path}: invalid strategy '{name}' ({_first_error(exc)})") from None
+                raise ConfigError(f"{path}: invalid strategy '{name}' ({validation_message(exc)})") from None
     return book
 
 

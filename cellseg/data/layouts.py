@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from cellseg.errors import ConfigError
+from cellseg.errors import ConfigError, validation_message
 from cellseg.resources import config_file
 from cellseg.yamlio import read_yaml
 
@@ -88,6 +88,4 @@ def load_layout(name_or_path: str | Path) -> Layout:
     try:
         return Layout.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{path}: invalid layout ({loc}: {first['msg']})") from None
+        raise ConfigError(f"{path}: invalid layout ({validation_message(exc)})") from None

@@ -13,7 +13,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from cellseg.data.store import Store
-from cellseg.errors import BadInputError, ConfigError
+from cellseg.errors import BadInputError, ConfigError, validation_message
 from cellseg.fileio import write_text
 
 
@@ -48,7 +48,7 @@ class Split(BaseModel):
         except FileNotFoundError:
             raise BadInputError(f"{path}: split file not found") from None
         except ValidationError as exc:
-            raise BadInputError(f"{path}: invalid split ({exc.errors()[0]['msg']})") from None
+            raise BadInputError(f"{path}: invalid split ({validation_message(exc)})") from None
 
 
 def make_split(store: Store, val_fraction: float = 0.2, seed: int = 0) -> Split:

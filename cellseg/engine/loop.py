@@ -233,6 +233,8 @@ def _epoch(session: TrainingSession, cycle: Cycle, epoch: int, cycle_end: int, c
         sums[0] += loss * len(y)
         sums[1] += len(y)
     loss_sum, seen = distributed.all_reduce_sum(sums).tolist()
+    if session.config.train.precise_bn:
+        session.recalibrate_batch_norm(epoch)
     record = {
         "epoch": epoch + 1,
         "phase": cycle.phase,
