@@ -112,6 +112,7 @@ def test_resume_reaches_the_uninterrupted_result(trainer_store, mlflow_db, tmp_p
     with pytest.raises(Interrupt):
         fit(config, tmp_path / "parts", callbacks=[first, parts_lr, StopAfter(2)])
     assert load_checkpoint(tmp_path / "parts")["epoch"] == 2
+    assert load_checkpoint(tmp_path / "parts")["optimizer"] is not None  # mid-cycle: AdamW's moments kept
     second = MlflowCallback(log_model=False)
     resumed = fit(config, tmp_path / "parts", resume=True, callbacks=[second, parts_lr])
 
@@ -131,6 +132,7 @@ def test_extend_a_finished_run_with_a_new_cycle(trainer_store, mlflow_db, tmp_pa
     run = tmp_path / "run"
     original = RecordLR()
     fit(tiny_config(trainer_store), run, callbacks=[original])
+    assert load_checkpoint(run)["optimizer"] is None  # a finished cycle's optimizer is never reused
     recorder = RecordLR()
     extended = fit(tiny_config(trainer_store, **{"train.epochs": 2}), run, resume=True, callbacks=[recorder])
     assert [h["phase"] for h in extended.history] == [1, 2, 3]

@@ -131,9 +131,11 @@ def test_mlflow_run_tune_entry_point_with_local_env(tmp_path, trainer_store, mlf
     assert result.returncode == 0, result.stderr[-3000:]
     best = yaml.safe_load((tmp_path / "best.yaml").read_text())
     assert best["model"]["encoder"] == "test_resnet" and best["data"]["size"] == 64
-    import mlflow as ml
+    from mlflow import MlflowClient
 
-    runs = ml.search_runs(search_all_experiments=True, filter_string="tags.`cellseg.kind` = 'tune'")
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])  # not the process-wide URI an earlier test may have set
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string="tags.`cellseg.kind` = 'tune'")
     assert len(runs) == 1  # the study's parent run, in the store MLflow handed to the entry point
 
 

@@ -2,7 +2,7 @@
 
 ``checkpoint_last.pt`` in the run folder holds (keys of the saved dict):
 ``format``, ``metadata`` (the model metadata of CONTRACTS.md: codes, layout, classes, size, …),
-``model`` (state dict, on the CPU), ``optimizer``/``scheduler`` (of the cycle in progress),
+``model`` (state dict, on the CPU), ``optimizer``/``scheduler`` (of the cycle in progress; None at the end of a cycle),
 ``cycles`` (list of {phase, epochs}), ``epoch`` (epochs completed), ``history`` (metric curves),
 ``rng`` (python, numpy, torch, cuda; ``rng_ranks`` the same for ranks 1.. of a distributed run of
 ``world_size`` processes), ``callbacks`` (state per callback key, e.g. the MLflow run id),

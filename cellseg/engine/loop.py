@@ -250,17 +250,21 @@ def _epoch(session: TrainingSession, cycle: Cycle, epoch: int, cycle_end: int, c
     if (epoch + 1) % session.config.train.checkpoint_every == 0 or epoch + 1 == cycle_end:
         rngs = distributed.all_gather(rng_state())  # every rank's generators
         if main:
-            save_checkpoint(checkpoint_path(run_dir), _checkpoint_state(session, epoch + 1, callbacks, rngs))
+            save_checkpoint(checkpoint_path(run_dir),
+                            _checkpoint_state(session, epoch + 1, callbacks, rngs, cycle_done=epoch + 1 == cycle_end))
     _call(callbacks, "on_epoch_end", session, epoch + 1, record)
 
 
 def _checkpoint_state(session: TrainingSession, epochs_done: int, callbacks: Sequence[Any],
-                      rngs: list[dict[str, Any]]) -> dict[str, Any]:
+                      rngs: list[dict[str, Any]], cycle_done: bool) -> dict[str, Any]:
+    """Everything ``--resume`` needs. At the end of a cycle the optimizer state is left out: the next
+    cycle (or an extension) starts a fresh optimizer, and AdamW's moments are twice the model's size
+    (a finished resnet34 run keeps a 0.17 GB checkpoint instead of 0.5 GB)."""
     return {
         "metadata": session.metadata(),
         "model": {k: v.detach().cpu() for k, v in session.model.state_dict().items()},
-        "optimizer": session.optimizer.state_dict(),
-        "scheduler": session.scheduler.state_dict(),
+        "optimizer": None if cycle_done else session.optimizer.state_dict(),
+        "scheduler": None if cycle_done else session.scheduler.state_dict(),
         "cycles": [c.to_dict() for c in session.cycles],
         "epoch": epochs_done,
         "history": list(session.history),

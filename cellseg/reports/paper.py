@@ -69,8 +69,8 @@ class _Report:
     def _protocol(self) -> list[str]:
         training = self.params.get("training") or {}
         synth = self.params.get("synth") or {}
-        differs = [f"{key} {training[key]} (paper {value})" for key, value in an.PAPER_TRAINING.items()
-                   if key in training and training[key] != value]
+        differs = [f"{_option(key, training[key])} (paper {_option(key, value)})"
+                   for key, value in an.PAPER_TRAINING.items() if training.get(key, value) != value]
         for name, (cells, negatives) in an.PAPER_DATA.items():
             mine = synth.get(name)
             if mine and (mine.get("cells"), mine.get("negatives")) != (cells, negatives):
@@ -81,7 +81,7 @@ class _Report:
             data = "the datasets named in params.yaml `ingest`"
         lines = ["## Protocol", "", f"- Data: {data}."]
         if training:
-            lines.append("- Training options: " + ", ".join(f"`--{k} {v}`" for k, v in training.items()) + ".")
+            lines.append("- Training options: " + ", ".join(f"`{_option(k, v)}`" for k, v in training.items()) + ".")
         compare = self.params.get("compare") or {}
         if compare:
             lines.append(f"- Strategies compared with {compare.get('replicates')} replicate(s) each (seeds "
@@ -426,3 +426,10 @@ def _sci(value) -> str:
 
 def _num(value) -> str:
     return f"{value:.3f}" if _finite(value) else "–"
+
+
+def _option(key: str, value) -> str:
+    """A params.yaml training entry as the command line DVC builds from it (a flag for a boolean)."""
+    if isinstance(value, bool):
+        return f"--{key}" if value else f"--no-{key}"
+    return f"--{key} {value}"
