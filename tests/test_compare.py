@@ -12,19 +12,18 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from experiments_support import TINY_FIT, small_encoder_file
+
 from cellseg.cli.main import app
 from cellseg.data.schemas import COMPARE_RUNS_SCHEMA, COMPARE_SUMMARY_SCHEMA, read_csv
 from cellseg.errors import BadInputError
 
 runner = CliRunner()
-TINY = ["--size", "64", "--batch-size", "2", "--epochs-frozen", "1", "--epochs", "1", "--device", "cpu"]
 
 
 def compare_args(store, *extra: str) -> list[str]:
-    small = Path("small.yaml")
-    small.write_text("model:\n  encoder: mobilenetv3_small_050\n")  # ~3 s per tiny fit on one core
-    return ["compare", "--data", str(store), "--config", str(small), "--strategies", "fluorescence,all_black",
-            "--replicates", "2", "--out", "cmp", *TINY, *extra]
+    return ["compare", "--data", str(store), "--config", small_encoder_file(), "--strategies", "fluorescence,all_black",
+            "--replicates", "2", "--out", "cmp", *TINY_FIT, *extra]
 
 
 @pytest.mark.slow

@@ -11,7 +11,9 @@ import pytest
 import torch
 from rich.console import Console
 
-from cellseg.config import load_config
+import experiments_support
+from experiments_support import small_encoder_file
+
 from cellseg.data.store import open_store
 from cellseg.engine.checkpoint import load_checkpoint
 from cellseg.engine.loop import fit
@@ -20,14 +22,11 @@ from cellseg.errors import BadInputError, ConfigError
 from cellseg.tracking.runs import MlflowCallback
 
 pytestmark = pytest.mark.slow
-SMALL_ENCODER = "mobilenetv3_small_050"  # resnet34's U-Net works the same, 10x the parameters
 
 
 def tiny_config(store, **overrides):
-    """A small timm encoder (4.3 M parameters, 50 MB checkpoints) at the store's 64 px, batch 2."""
-    base = {"data.store": str(store), "data.size": 64, "model.encoder": SMALL_ENCODER, "train.batch_size": 2,
-            "train.epochs_frozen": 1, "train.epochs": 1, "train.device": "cpu", "seed": 3}
-    return load_config(overrides={**base, **overrides})
+    """The small encoder at the store's 64 px, batch 2, one frozen and one unfrozen epoch."""
+    return experiments_support.tiny_config(store, **{"train.epochs_frozen": 1, "train.epochs": 1, **overrides})
 
 
 class Interrupt(Exception):
@@ -218,15 +217,14 @@ def test_precise_bn_option_reaches_the_run_config(trainer_store, tmp_path):
 
     from cellseg.cli.main import app
 
-    small = tmp_path / "small.yaml"
-    small.write_text(f"model:\n  encoder: {SMALL_ENCODER}\n")
-    result = CliRunner().invoke(app, ["train", "--data", str(trainer_store), "--profile", "quick", "--config", str(small),
+    small = small_encoder_file()
+    result = CliRunner().invoke(app, ["train", "--data", str(trainer_store), "--profile", "quick", "--config", small,
                                       "--size", "64", "--epochs-frozen", "0", "--epochs", "1", "--batch-size", "2",
                                       "--device", "cpu", "--run-dir", "run", "--no-register",
                                       "--tracking-uri", "sqlite:///m.db"])
     assert result.exit_code == 0, result.output
     assert load_checkpoint("run")["config"]["train"]["precise_bn"] is True  # the quick profile's
-    off = CliRunner().invoke(app, ["train", "--data", str(trainer_store), "--profile", "quick", "--config", str(small),
+    off = CliRunner().invoke(app, ["train", "--data", str(trainer_store), "--profile", "quick", "--config", small,
                                    "--no-precise-bn", "--size", "64", "--epochs-frozen", "0", "--epochs", "1",
                                    "--device", "cpu", "--run-dir", "run2", "--no-register",
                                    "--tracking-uri", "sqlite:///m.db"])

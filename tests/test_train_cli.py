@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from cellseg.cli.main import app
 from cellseg.cli.options import TrainingOptions, with_options
 from cellseg.errors import ConfigError
-from experiments_support import one_line_error
+from experiments_support import one_line_error, small_encoder_file
 
 runner = CliRunner()
 TINY = ["--size", "64", "--batch-size", "2", "--epochs-frozen", "1", "--epochs", "1", "--device", "cpu"]
@@ -110,7 +110,7 @@ def test_train_then_extend_from_the_command_line(trainer_store, mlflow_db):
 
     from cellseg.tracking.runs import resolve_tracking_uri
 
-    first = invoke("train", "--data", str(trainer_store), "--seed", "1", "--config", str(_small_encoder()),
+    first = invoke("train", "--data", str(trainer_store), "--seed", "1", "--config", small_encoder_file(),
                    "--run-dir", "runs/a", "--register-as", "tiny", *TINY)
     assert first.exit_code == 0, first.output
     assert "epoch 2/2" in first.output and "registered: models:/tiny/1" in first.output
@@ -125,18 +125,12 @@ def test_train_then_extend_from_the_command_line(trainer_store, mlflow_db):
     assert client.get_registered_model("tiny").aliases == {"champion": 1, "challenger": 2}
 
 
-def _small_encoder() -> Path:
-    path = Path("small.yaml")
-    path.write_text("model:\n  encoder: mobilenetv3_small_050\n")
-    return path
-
-
 @pytest.mark.slow
 def test_train_against_a_tracking_server(trainer_store, mlflow_server, monkeypatch):
     from mlflow import MlflowClient
 
     http_limits(monkeypatch)
-    result = invoke("train", "--data", str(trainer_store), "--config", str(_small_encoder()), "--run-dir", "runs/s",
+    result = invoke("train", "--data", str(trainer_store), "--config", small_encoder_file(), "--run-dir", "runs/s",
                     "--tracking-uri", mlflow_server, "--experiment", "over-http", "--register-as", "tiny-http", *TINY)
     assert result.exit_code == 0, result.output
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)

@@ -14,21 +14,15 @@ import pytest
 from typer.testing import CliRunner
 
 from cellseg.cli.main import app
+from experiments_support import small_encoder_file
 from cellseg.errors import ConfigError
 
 runner = CliRunner()
 TINY = ["--size", "64", "--batch-size", "2", "--epochs-frozen", "0", "--epochs", "1", "--device", "cpu"]
 
 
-def small_model() -> Path:
-    """A 4-million-parameter encoder: a tiny trial is ~3 s of CPU instead of ~8 s with resnet18."""
-    path = Path("small.yaml")
-    path.write_text("model:\n  encoder: mobilenetv3_small_050\n")
-    return path
-
-
 def tune_args(store, study: str, trials: int = 1, *extra: str) -> list[str]:
-    return ["tune", "--data", str(store), "--config", str(small_model()), "--study", study, "--trials", str(trials),
+    return ["tune", "--data", str(store), "--config", small_encoder_file(), "--study", study, "--trials", str(trials),
             *TINY, *extra]
 
 

@@ -26,7 +26,6 @@ from typing import Any
 import pandas as pd
 
 from cellseg.config import Config
-from cellseg.data.codes import resolve_codes
 from cellseg.data.schemas import (
     COMPARE_RUNS_COLUMNS,
     COMPARE_RUNS_SCHEMA,
@@ -36,6 +35,7 @@ from cellseg.data.schemas import (
 )
 from cellseg.data.split import Split, make_split
 from cellseg.data.store import open_store
+from cellseg.experiments.inputs import check_inputs
 from cellseg.engine.checkpoint import checkpoint_path
 from cellseg.errors import BadInputError, ConfigError
 from cellseg.experiments.progress import RunsProgress
@@ -136,11 +136,7 @@ def _check_strategies(config: Config, strategies: Sequence[str]) -> list[str]:
     twice = sorted({s for s in strategies if strategies.count(s) > 1})
     if twice:
         raise ConfigError(f"--strategies: {', '.join(twice)} given more than once")
-    if config.data.store is None:
-        raise ConfigError("no training data: pass --data STORE (or set data.store in the config)")
-    layout = open_store(config.data.store).layout
-    for strategy in strategies:
-        resolve_codes(strategy, layout)
+    check_inputs([_run_config(config, s, 1) for s in strategies])
     return strategies
 
 

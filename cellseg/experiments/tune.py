@@ -44,11 +44,10 @@ from pathlib import Path
 from typing import Any
 
 from cellseg.config import Config
-from cellseg.data.codes import resolve_codes
 from cellseg.data.split import make_split
-from cellseg.data.store import open_store
 from cellseg.engine.checkpoint import checkpoint_path
 from cellseg.errors import CellsegError, ConfigError, TrackingError
+from cellseg.experiments.inputs import check_inputs
 from cellseg.experiments.progress import RunsProgress
 from cellseg.fileio import write_text
 from cellseg.tracking.runs import _one_line, check_tracking_uri, resolve_tracking_uri
@@ -146,7 +145,7 @@ def tune(
     if heartbeat < 1:
         raise ConfigError(f"--heartbeat {heartbeat}: must be at least 1 second")
     storage = storage or DEFAULT_STORAGE
-    store = _check_data(config)
+    store = check_inputs([config])  # before a study or run exists
     check_tracking_uri(resolve_tracking_uri(config.tracking.uri))  # an unreachable server: fail now
     runs_dir = Path(runs_dir or Path("runs") / "tune" / study)
     given = {"objective": objective, "lr_range": lr_range, "ratio_range": ratio_range,
@@ -226,16 +225,6 @@ def redact(url: str) -> str:
 
 
 # --- study set-up ------------------------------------------------------------------------------
-
-
-def _check_data(config: Config):
-    """Fail in seconds, before a study or run exists, on a missing store or codes it cannot serve."""
-    if config.data.store is None:
-        raise ConfigError("no training data: pass --data STORE (or set data.store in the config)")
-    store = open_store(config.data.store)
-    resolve_codes(config.data.codes if config.data.codes is not None else (config.data.strategy or ""),
-                  store.layout)
-    return store
 
 
 def _study_settings(storage, study: str, given: dict[str, Any], config: Config) -> StudySettings:
