@@ -1,8 +1,8 @@
 """Whole training batches, built on the training device.
 
 Reading and normalising the pages a sample needs costs milliseconds per sample, so per-sample
-loading, not the model, would set the pace on a GPU (resident batches are 2.5x the per-sample
-stream on one CPU core, README "Benchmarks"). A store the size
+loading, not the model, would set the pace on a GPU (resident batches: 721 samples/s against 357 for the
+per-sample stream on one CPU core, README "Benchmarks"). A store the size
 of the paper's fits in memory: the resident source loads the needed channels of the selected
 stacks once (resized to ``size``, kept as uint16) into RAM or onto the training device, and each
 batch is the loading codes as tensor ops: gather the planes the draws use, divide by the stored
