@@ -159,7 +159,7 @@ def test_storage_urls(tmp_path):
 def test_bad_options_are_one_line_and_start_nothing(trainer_store):
     for extra, needle in ((["--study", "a b"], "--study 'a b'"), (["--objective", "speed"], "--objective speed"),
                           (["--lr-range", "1,x"], "--lr-range '1,x'"),
-                          (["--ratio-range", "5,1"], "--ratio-range 5.0,1.0")):
+                          (["--ratio-range", "5,1"], "--ratio-range 5.0,1.0"), (["--heartbeat", "0"], "--heartbeat 0")):
         result = runner.invoke(app, ["tune", "--data", str(trainer_store), *extra])
         assert result.exit_code == 1, result.output
         assert needle in result.output and "Traceback" not in result.output
