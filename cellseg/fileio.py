@@ -8,11 +8,13 @@ killed process can leave its temporary beside the target; ``remove_leftovers`` c
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from cellseg.errors import BadInputError
 
@@ -96,3 +98,15 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     return write_bytes(path, text.encode("utf-8"))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The parsed JSON file, None when it does not exist (an optional result); BadInputError naming it
+    when it is not JSON."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise BadInputError(f"{path}: not valid JSON") from None

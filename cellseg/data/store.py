@@ -221,7 +221,7 @@ class Store:
         """One chunk read straight from its file (see ``_plain_chunks``); zarr-python's per-chunk
         machinery costs more than the read itself and made streaming slower than reading TIFFs."""
         path = self.path / "stacks" / self._keys[i] / name / arr.metadata.encode_chunk_key(coords)
-        shape = arr.chunks[1:] if len(coords) == 3 else arr.chunks
+        shape = arr.chunks[-2:]  # one plane
         try:
             return np.fromfile(path, dtype=arr.dtype.newbyteorder("<")).reshape(shape).astype(arr.dtype, copy=False)
         except FileNotFoundError:  # zarr writes no chunk that is all fill value

@@ -34,10 +34,9 @@ from cellseg.data.schemas import (
     validate,
 )
 from cellseg.data.split import Split, make_split
-from cellseg.data.store import open_store
-from cellseg.experiments.inputs import check_inputs
 from cellseg.engine.checkpoint import checkpoint_path
 from cellseg.errors import BadInputError, ConfigError
+from cellseg.experiments.inputs import check_inputs
 from cellseg.experiments.progress import RunsProgress
 from cellseg.fileio import write_text
 from cellseg.plots import save_figure
@@ -77,12 +76,12 @@ def compare(
     from cellseg.tracking.studies import shared_run_id, tracked_run
 
     out = Path(out)
-    strategies = _check_strategies(config, strategies)
+    strategies = _check_strategies(strategies)
+    store = check_inputs([_run_config(config, s, 1) for s in strategies])  # before the first hour of training
     if replicates < 1:
         raise ConfigError(f"--replicates {replicates}: must be at least 1")
     name = name or default_name(out)
     check_tracking_uri(resolve_tracking_uri(config.tracking.uri))  # an unreachable server: fail now
-    store = open_store(config.data.store)
     split = _the_split(out, store, config)
     uri, experiment = config.tracking.uri, config.tracking.experiment
     parent_id = shared_run_id(name, KIND, "comparison", uri, experiment)
@@ -128,15 +127,14 @@ def default_name(out: Path) -> str:
     return f"{re.sub(r'[^A-Za-z0-9._-]+', '-', folder.name)}-{hashlib.sha1(str(folder).encode()).hexdigest()[:6]}"
 
 
-def _check_strategies(config: Config, strategies: Sequence[str]) -> list[str]:
-    """Names, unique, each resolvable on the store's layout: fail before the first hour of training."""
+def _check_strategies(strategies: Sequence[str]) -> list[str]:
+    """The given names, stripped, at least one and none twice."""
     strategies = [s.strip() for s in strategies if s.strip()]
     if not strategies:
         raise ConfigError("--strategies: give at least one strategy name, e.g. fluorescence,cytoplasm")
     twice = sorted({s for s in strategies if strategies.count(s) > 1})
     if twice:
         raise ConfigError(f"--strategies: {', '.join(twice)} given more than once")
-    check_inputs([_run_config(config, s, 1) for s in strategies])
     return strategies
 
 

@@ -295,8 +295,9 @@ class _Objective:
 
         overrides = self.settings.suggest(trial, self.config.model.num_classes)
         config = self.config.with_overrides(overrides)
-        retry_of = _frozen(trial).system_attrs.get("failed_trial")
-        killed_run = _checkpointed_run_of(_frozen(trial)) if retry_of is not None else None
+        stored = _stored(trial)
+        retry_of = stored.system_attrs.get("failed_trial")
+        killed_run = _checkpointed_run_of(stored) if retry_of is not None else None
         run_dir = killed_run or self.runs_dir / f"trial-{trial.number}"
         trial.set_user_attr("config", config.to_dict())
         trial.set_user_attr("run_dir", str(run_dir.resolve()))
@@ -316,9 +317,13 @@ class _Objective:
         return float("nan") if value is None else float(value)
 
 
-def _frozen(trial):
-    """The trial as stored (system attrs included: Optuna marks a retry there)."""
-    return next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+def _stored(trial):
+    """The trial as stored (system attrs included: Optuna marks a retry there); only running trials
+    are read, not the whole study."""
+    from optuna.trial import TrialState
+
+    running = trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    return next(t for t in running if t.number == trial.number)
 
 
 def _checkpointed_run_of(retry) -> Path | None:

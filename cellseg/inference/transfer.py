@@ -27,8 +27,8 @@ from cellseg.data.codes import (
     resolve_codes,
 )
 from cellseg.data.layouts import Channel, Layout
-from cellseg.errors import CellsegError, ConfigError
-from cellseg.fileio import write_text
+from cellseg.errors import ConfigError
+from cellseg.fileio import read_json, write_text
 
 RECORD_NAME = "transfer.json"
 
@@ -139,10 +139,4 @@ def write_record(transfer: Transfer, out: str | Path, model: str) -> Path:
 
 
 def read_record(folder: str | Path) -> dict[str, Any] | None:
-    path = Path(folder) / RECORD_NAME
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        raise CellsegError(f"{path}: not valid JSON") from None
+    return read_json(Path(folder) / RECORD_NAME)

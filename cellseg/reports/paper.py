@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cellseg.data.layouts import Layout
-from cellseg.fileio import atomic_path, write_text
+from cellseg.fileio import atomic_path, read_json, write_text
 from cellseg.plots import learning_curves, save_figure
 from cellseg.reports import analysis as an
 from cellseg.reports import figures
@@ -46,7 +46,7 @@ class _Report:
         self.figures: list[Path] = []
         self.metrics: dict[str, Any] = {}
         self.stores = {name: data / f"{name}.zarr" for name in DATASETS}
-        split = _read_json(results.root / "compare" / "split.json")
+        split = read_json(results.root / "compare" / "split.json")
         self.baselines = {
             "trainer": majority_baseline(self.stores["trainer"], split["val"] if split else None),
             "test": majority_baseline(self.stores["test"]),
@@ -381,10 +381,6 @@ def _generalisation_sentences(table, baselines: dict[str, float | None]) -> list
         said.append(f"**External:** applicable to {', '.join(applicable) or 'no model'}; not applicable to "
                     f"{', '.join(refused) or 'none'} (their inputs need channels `external` lacks).")
     return said
-
-
-def _read_json(path: Path):
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def _clean(value):

@@ -14,7 +14,6 @@ report can be made from whatever exists::
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import pandas as pd
 
 from cellseg.errors import BadInputError
+from cellseg.fileio import read_json
 from cellseg.inference.transfer import read_record
 from cellseg.yamlio import read_yaml
 
@@ -70,13 +70,13 @@ def load_results(root: str | Path) -> Results:
         raise BadInputError(f"--results {root}: no such folder (run the pipeline first: dvc repro)")
     return Results(
         root=root,
-        lr_find=_json(root / "lr_find" / "lr_find.json"),
+        lr_find=read_json(root / "lr_find" / "lr_find.json"),
         compare=_csv(root / "compare" / "compare.csv"),
         compare_runs=_csv(root / "compare" / "compare_runs.csv"),
         sweep=_csv(root / "sweep_ce" / "sweep_ce.csv"),
         tune_best=_yaml(root / "tune" / "best.yaml"),
         tune_trials=_csv(root / "tune" / "runs" / "trials.csv"),
-        best_history=_json(root / "best" / "run" / "metrics.json"),
+        best_history=read_json(root / "best" / "run" / "metrics.json"),
         generalisation=_generalisation(root / "generalisation"),
     )
 
@@ -87,7 +87,7 @@ def _generalisation(folder: Path) -> dict[str, dict[str, Scored]]:
         return found
     for model in sorted(p for p in folder.iterdir() if p.is_dir()):
         for dataset in sorted(p for p in model.iterdir() if p.is_dir()):
-            rows = _json(dataset / "summary.json") or []
+            rows = read_json(dataset / "summary.json") or []
             summary = next((r for r in rows if r.get("scope") == "all"), None)
             transfer = read_record(dataset)
             if summary is not None or transfer is not None:
@@ -114,15 +114,6 @@ def majority_baseline(store_path: str | Path, ids: list[str] | None = None) -> f
 def _number(row: dict[str, Any] | None, key: str) -> float:
     value = None if row is None else row.get(key)
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else math.nan
-
-
-def _json(path: Path):
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        raise BadInputError(f"{path}: not valid JSON") from None
 
 
 def _csv(path: Path) -> pd.DataFrame | None:

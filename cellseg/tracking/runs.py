@@ -191,9 +191,11 @@ class MlflowCallback:
         if run.info.lifecycle_stage == "deleted":
             log.warning("MLflow: run %s of the checkpoint was deleted; starting a new run", self.run_id)
             return False
+        from mlflow.entities import RunTag
+
         self.client.update_run(self.run_id, status="RUNNING")
-        for key, value in self.tags.items():  # e.g. a retried trial continuing a dead trial's run
-            self.client.set_tag(self.run_id, key, value)
+        # the caller's tags again: e.g. a retried trial continuing a dead trial's run gets its new number
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in self.tags.items()])
         return True
 
     def _tags(self, session) -> dict[str, str]:
