@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from cellseg.data.codes import load_codebook, load_strategies, normalise, parse_codes, resolve_codes
+from cellseg.data.codes import load_codebook, load_strategies, parse_codes, resolve_codes
+from cellseg.data.intensity import Normalisation, apply_ranges
 from cellseg.data.layouts import indexed_layout, load_layout
 from cellseg.errors import ConfigError
 
@@ -140,38 +141,44 @@ def test_same_generator_seed_same_draw_and_different_seeds_differ():
     assert not np.array_equal(first, other)
 
 
+def _ranges(raw: np.ndarray, method: str = "max") -> torch.Tensor:
+    """(B, K, 2) intensity ranges of raw (B, K, H, W)."""
+    return torch.from_numpy(np.stack([Normalisation(method).ranges(r) for r in raw]))
+
+
 def test_all_zero_channels_stay_zero_never_nan():
     raw = torch.zeros(2, 3, 4, 4, dtype=torch.uint16)
     raw[:, 1] = 1000
-    x = normalise(raw, torch.tensor([[0.0, 1000.0, 0.0]] * 2))
-    assert torch.isfinite(x).all() and not x[:, 0].any() and not x[:, 2].any()
+    for method in ("max", "percentile"):
+        x = apply_ranges(raw, _ranges(raw.numpy(), method))
+        assert torch.isfinite(x).all() and not x[:, 0].any() and not x[:, 2].any()
     full = np.zeros((2, 16, 4, 4), dtype=np.float32)
     out = _apply(resolve_codes([100, 111, 0], TRAINER), full, torch.Generator().manual_seed(0))
     assert np.isfinite(out).all() and not out.any()
 
 
-def test_normalise_matches_numpy_division():
+def test_max_normalisation_matches_numpy_division():
     rng = np.random.default_rng(0)
     raw = rng.integers(0, 65535, (3, 4, 8, 8), dtype=np.uint16)
     maxima = raw.reshape(3, 4, -1).max(axis=2).astype(np.float32)
-    x = normalise(torch.from_numpy(raw), torch.from_numpy(maxima)).numpy()
+    x = apply_ranges(torch.from_numpy(raw), _ranges(raw)).numpy()
     assert x.dtype == np.float32
     np.testing.assert_allclose(x, raw / maxima[..., None, None], rtol=1e-6)
 
 
 def test_combine_on_raw_intensities_matches_normalise_then_combine():
-    """The batch paths fold the division by the maxima into the weights and gather rows from storage."""
+    """The batch paths normalise each plane as they gather it, from raw uint16 storage."""
     plan = resolve_codes([107, 111, 212, 110], TRAINER)
     rng = np.random.default_rng(0)
-    storage = torch.from_numpy(rng.integers(0, 65535, (10, len(plan.needed_channels), 6, 5), dtype=np.uint16))
-    maxima = torch.from_numpy(storage.numpy().reshape(10, len(plan.needed_channels), -1).max(axis=2).astype(np.float32))
-    storage[3, 2], maxima[3, 2] = 0, 0.0  # an all-zero channel
-    rows = torch.tensor([3, 0, 7, 3])
-    index, weight = plan.draw(4, torch.Generator().manual_seed(0))
-    fused = plan.combine(storage, index, weight, maxima[rows], rows=rows)
-    separate = plan.combine(normalise(storage[rows], maxima[rows]), index, weight)
-    assert torch.isfinite(fused).all() and not fused[:, 3].any()
-    torch.testing.assert_close(fused, separate, rtol=1e-6, atol=1e-7)
+    raw = rng.integers(0, 65535, (4, len(plan.needed_channels), 6, 5), dtype=np.uint16)
+    raw[3, 2] = 0  # an all-zero channel
+    for method in ("max", "percentile"):
+        ranges = _ranges(raw, method)
+        index, weight = plan.draw(4, torch.Generator().manual_seed(0))
+        fused = plan.combine(torch.from_numpy(raw), index, weight, ranges)
+        separate = plan.combine(apply_ranges(torch.from_numpy(raw), ranges), index, weight)
+        assert torch.isfinite(fused).all() and not fused[:, 3].any()
+        torch.testing.assert_close(fused, separate, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -13,7 +13,9 @@ from typer.testing import CliRunner
 from cellseg.cli.main import app
 from cellseg.data.batches import make_batch_source, resident_bytes
 from cellseg.data.codes import resolve_codes
-from cellseg.data.dataset import open_dataset, resize_image, resize_mask
+from cellseg.data.dataset import open_dataset
+from cellseg.data.geometry import Geometry, resize_labels, resize_planes
+from cellseg.data.intensity import Normalisation
 from cellseg.data.layouts import load_layout
 from cellseg.data.split import Split, make_split
 from cellseg.data.store import StackRecord, open_store, write_store
@@ -21,6 +23,9 @@ from cellseg.errors import BadInputError, ConfigError
 
 TRAINER = load_layout("trainer")
 SHAPES = [(20, 24), (24, 20), (16, 16), (28, 22), (18, 30), (22, 22), (26, 18)]
+STACK16 = Geometry("stack", 16)  # whole stacks fitted into 16 x 16
+CROP16 = Geometry("none", 16)  # native pixels, random 16 x 16 crops
+GEOMETRIES = pytest.mark.parametrize("geometry", [STACK16, CROP16], ids=["stack", "crop"])
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +90,7 @@ def test_dataset_reads_only_the_channels_its_draw_uses(store_path, monkeypatch):
 
 
 def test_dataset_size_subset_and_epochs(store_path):
-    ds = open_dataset(store_path, [107, 111, 212], seed=3, indices=[1, 4], size=12)
+    ds = open_dataset(store_path, [107, 111, 212], seed=3, indices=[1, 4], geometry=Geometry("stack", 12, keep_aspect=False))
     x, y = ds[0]
     assert x.shape == (3, 12, 12) and y.shape == (12, 12) and len(ds) == 2
     np.testing.assert_array_equal(ds[0][0], x)  # same epoch, same draw
@@ -94,7 +99,7 @@ def test_dataset_size_subset_and_epochs(store_path):
         ds.set_epoch(epoch)
         draws.append(ds[0][0])
     assert any(not torch.equal(draws[0], d) for d in draws[1:])
-    other_seed = open_dataset(store_path, [107, 111, 212], seed=4, indices=[1, 4], size=12)
+    other_seed = open_dataset(store_path, [107, 111, 212], seed=4, indices=[1, 4], geometry=Geometry("stack", 12))
     assert any(not torch.equal(other_seed[0][0], ds[0][0]) for _ in range(1))
 
 
@@ -108,12 +113,13 @@ def test_dataset_unknown_code_fails_before_reading(store_path):
 
 def test_resize_keeps_dtype_range_and_classes():
     raw = np.random.default_rng(0).integers(0, 65535, (2, 30, 20), dtype=np.uint16)
-    small = resize_image(raw, 10)
+    small = resize_planes(raw, (10, 10))
     assert small.dtype == np.uint16 and small.shape == (2, 10, 10) and small.max() <= raw.max()
+    assert resize_planes(raw.astype(np.float32), (10, 10)).dtype == np.float32
     mask = np.zeros((30, 20), np.uint8)
     mask[5:25, 4:16] = 1
-    assert set(np.unique(resize_mask(mask, 10))) == {0, 1}
-    assert resize_image(raw[:, :20], 20) is raw[:, :20] or np.array_equal(resize_image(raw[:, :20], 20), raw[:, :20])
+    assert set(np.unique(resize_labels(mask, (10, 10)))) == {0, 1}
+    assert resize_planes(raw, (30, 20)) is raw
 
 
 def test_split_is_seeded_disjoint_and_saved(store_path, tmp_path):
@@ -134,10 +140,11 @@ def test_split_is_seeded_disjoint_and_saved(store_path, tmp_path):
         Split.load(tmp_path / "bad.json")
 
 
+@GEOMETRIES
 @pytest.mark.parametrize("residency", ["ram", "device", "stream"])
-def test_batch_source_shapes_and_determinism(store_path, residency):
+def test_batch_source_shapes_and_determinism(store_path, residency, geometry):
     plan = resolve_codes([107, 111, 212], TRAINER)
-    source = make_batch_source(store_path, [0, 1, 2, 3, 4, 6], plan, size=16, batch_size=4, device="cpu",
+    source = make_batch_source(store_path, [0, 1, 2, 3, 4, 6], plan, geometry, batch_size=4, device="cpu",
                                residency=residency, seed=1)
     assert len(source) == 2
     batches = list(source.epoch(0))
@@ -146,25 +153,30 @@ def test_batch_source_shapes_and_determinism(store_path, residency):
     again = list(source.epoch(0))
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, again))
     assert any(not torch.equal(a[0], b[0]) for a, b in zip(batches, source.epoch(1)))
-    dropped = make_batch_source(store_path, [0, 1, 2, 3, 4, 6], plan, 16, 4, "cpu", residency, drop_last=True)
+    dropped = make_batch_source(store_path, [0, 1, 2, 3, 4, 6], plan, geometry, 4, "cpu", residency, drop_last=True)
     assert len(dropped) == 1 and len(list(dropped.epoch(0))) == 1
 
 
-def test_resident_and_streaming_batches_are_identical(store_path):
-    """Same resize, normalise and per-sample draws: equal batches, random codes included."""
+@GEOMETRIES
+@pytest.mark.parametrize("method", ["max", "percentile"])
+def test_resident_and_streaming_batches_are_identical(store_path, geometry, method):
+    """Same view, crop, normalisation and per-sample draws: equal batches, random codes included."""
+    norm = Normalisation(method)
     for codes, workers, epoch in (([0, 100, 12], 0, 0), ([107, 111, 212], 0, 1), ([107, 111, 212], 2, 2)):
         plan = resolve_codes(codes, TRAINER)
-        ram = make_batch_source(store_path, range(7), plan, 16, 3, "cpu", "ram", seed=5)
-        stream = make_batch_source(store_path, range(7), plan, 16, 3, "cpu", "stream", seed=5, num_workers=workers)
+        ram = make_batch_source(store_path, range(7), plan, geometry, 3, "cpu", "ram", seed=5, normalisation=norm)
+        stream = make_batch_source(store_path, range(7), plan, geometry, 3, "cpu", "stream", seed=5,
+                                   num_workers=workers, normalisation=norm)
         for (xa, ya), (xb, yb) in zip(ram.epoch(epoch), stream.epoch(epoch), strict=True):
             torch.testing.assert_close(xa, xb, rtol=0, atol=0)
             assert torch.equal(ya, yb)
 
 
-def test_resident_batches_match_the_dataset(store_path):
+@GEOMETRIES
+def test_resident_batches_match_the_dataset(store_path, geometry):
     plan = resolve_codes([107, 111, 212], TRAINER)
-    ds = open_dataset(store_path, plan, seed=2, size=16)
-    source = make_batch_source(store_path, range(7), plan, 16, 7, "cpu", "ram", seed=2, shuffle=False)
+    ds = open_dataset(store_path, plan, seed=2, geometry=geometry)
+    source = make_batch_source(store_path, range(7), plan, geometry, 7, "cpu", "ram", seed=2, shuffle=False)
     ds.set_epoch(3)
     x, y = next(iter(source.epoch(3)))
     for i in range(7):
@@ -175,19 +187,22 @@ def test_resident_batches_match_the_dataset(store_path):
 
 def test_auto_residency_and_errors(store_path):
     plan = resolve_codes("fluorescence", TRAINER)
-    source = make_batch_source(store_path, range(7), plan, 16, 2, "cpu")
+    source = make_batch_source(store_path, range(7), plan, STACK16, 2, "cpu")
     assert source.residency == "ram"
-    assert resident_bytes(450, 3, 400) == 450 * 400 * 400 * 7
+    store = open_store(store_path)
+    assert resident_bytes(store, range(7), 3, STACK16) == 7 * 16 * 16 * 7
+    native = sum(h * w for h, w in SHAPES)  # the 16 x 16 stack needs no padding
+    assert resident_bytes(store, range(7), 3, CROP16) == native * 7
     with pytest.raises(ConfigError, match="residency"):
-        make_batch_source(store_path, range(7), plan, 16, 2, "cpu", residency="disk")
+        make_batch_source(store_path, range(7), plan, STACK16, 2, "cpu", residency="disk")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("residency", ["ram", "device", "stream"])
 def test_batches_on_cuda_match_cpu(store_path, residency):
     plan = resolve_codes([107, 111, 212], TRAINER)
-    cpu = make_batch_source(store_path, range(7), plan, 16, 4, "cpu", "ram", seed=1)
-    gpu = make_batch_source(store_path, range(7), plan, 16, 4, "cuda", residency, seed=1)
+    cpu = make_batch_source(store_path, range(7), plan, CROP16, 4, "cpu", "ram", seed=1)
+    gpu = make_batch_source(store_path, range(7), plan, CROP16, 4, "cuda", residency, seed=1)
     assert gpu.residency == residency
     for (xa, ya), (xb, yb) in zip(cpu.epoch(0), gpu.epoch(0), strict=True):
         assert xb.device.type == "cuda" and yb.device.type == "cuda"
@@ -206,7 +221,7 @@ def test_synth_ingest_dataset_round_trip(tmp_path, layout, strategy):
 
     synthesize(tmp_path / "raw", layout=layout, cells=1, negatives=1, size=48, seed=0)
     ingest(tmp_path / "raw", tmp_path / "store.zarr", layout=layout)
-    ds = data.open_dataset(tmp_path / "store.zarr", strategy, size=32)
+    ds = data.open_dataset(tmp_path / "store.zarr", strategy, geometry=Geometry("stack", 32))
     assert len(ds) == 2
     for i in range(2):
         x, y = ds[i]

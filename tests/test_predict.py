@@ -18,6 +18,7 @@ from cellseg.cli.main import app
 from cellseg.data.layouts import load_layout
 from cellseg.data.schemas import EVAL_STACKS_SCHEMA, EVAL_SUMMARY_SCHEMA
 from cellseg.engine.checkpoint import save_checkpoint
+from cellseg.data.intensity import Normalisation
 from cellseg.inference.predict import Stack, input_plan, model_input
 from cellseg.inference.tiling import gaussian_window, predict_tiled, tile_starts, tiles
 from cellseg.model import build_model
@@ -129,11 +130,11 @@ def test_model_input_uses_codes_with_run_dropout_off(run_dir):
     trained = load_trained_model(run_dir)
     plan = input_plan(trained, codes="200,3,111")  # dropout of channel 0, membrane, merge with merge dropout
     channels = np.stack([np.full((8, 8), 100 * (k + 1), np.uint16) for k in range(len(plan.needed_channels))])
-    stack = Stack("s", "s", channels, channels.reshape(len(channels), -1).max(1).astype(np.float32))
-    x = model_input(stack, plan, seed=0)
+    stack = Stack("s", "s", channels)
+    x = model_input(stack, plan, Normalisation("max"), seed=0)
     assert x.shape == (3, 8, 8)
     assert torch.all(x == 1.0)  # every channel loaded: no dropout at inference
-    assert torch.equal(x, model_input(stack, plan, seed=0))
+    assert torch.equal(x, model_input(stack, plan, Normalisation("max"), seed=0))
 
 
 # --- predict CLI -------------------------------------------------------------------------------------

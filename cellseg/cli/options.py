@@ -43,7 +43,17 @@ class TrainingOptions:
     profile: Annotated[str | None, _opt("--profile", help="Named profile from configs/profiles: quick, paper.")] = None
     strategy: Annotated[str | None, _opt("--strategy", help="Named loading-code strategy, e.g. fluorescence.")] = None
     codes: Annotated[str | None, _opt("--codes", help="Loading codes, e.g. 0,3,6 (instead of --strategy).")] = None
-    size: Annotated[int | None, _opt("--size", help="Training image size in pixels.")] = None
+    size: Annotated[int | None, _opt("--size", help="Network input side in pixels (>= 32): the resized stack, "
+                                                    "or the crop / sliding window.")] = None
+    resize: Annotated[str | None, _opt("--resize", help="stack: whole stacks resized to --size (the paper's); "
+                                                        "none: native pixels (x --scale), random crops.")] = None
+    scale: Annotated[float | None, _opt("--scale", help="With --resize none: rescale every stack by this factor "
+                                                        "(e.g. 0.5 shows the network twice the field of view).")] = None
+    normalize: Annotated[str | None, _opt("--normalize", help="max (the paper's) or percentile (1st-99.8th, "
+                                                              "clipped; robust to hot pixels).")] = None
+    encoder_weights: Annotated[str | None, _opt("--encoder-weights", help="Encoder start: a timm pretrained tag "
+                                                                         "(imagenet, a1_in1k, …) or a local "
+                                                                         "weights file/folder; default random.")] = None
     epochs_frozen: Annotated[int | None, _opt("--epochs-frozen", help="Phase 1 epochs (encoder frozen).")] = None
     epochs: Annotated[int | None, _opt("--epochs", help="Phase 2 epochs (unfrozen); raise it with --resume to extend.")] = None
     batch_size: Annotated[int | None, _opt("--batch-size", help="Images per batch.")] = None
@@ -64,6 +74,10 @@ class TrainingOptions:
             "data.strategy": self.strategy,
             "data.codes": _parse_codes(self.codes) if self.codes is not None else None,
             "data.size": self.size,
+            "data.resize": self.resize,
+            "data.scale": self.scale,
+            "data.normalize": self.normalize,
+            "model.encoder_weights": self.encoder_weights,
             "data.channel_dropout": self.channel_dropout,
             "data.merge_dropout": self.merge_dropout,
             "train.epochs_frozen": self.epochs_frozen,
@@ -80,6 +94,8 @@ class TrainingOptions:
         """Defaults < profile < ``base`` (a run's own config.yaml, on resume) < --config < options."""
         if base is not None and self.profile is not None:
             raise ConfigError("--profile cannot be combined with --resume (the run keeps its own config)")
+        if self.strategy is not None and self.codes is not None:
+            raise ConfigError(f"--strategy {self.strategy} and --codes {self.codes}: give one of them")
         files = [profile_path(self.profile)] if self.profile else []
         files += [p for p in (base, self.config) if p is not None]
         config = load_config(files, self.overrides())

@@ -19,8 +19,12 @@ Codes = Annotated[str | None, typer.Option(help="Loading codes instead of the mo
                                            rich_help_panel="Input")]
 Strategy = Annotated[str | None, typer.Option(help="Named strategy instead of the model's codes.",
                                               rich_help_panel="Input")]
-Tile = Annotated[int | None, typer.Option(help="Tile side in pixels (default: the model's training size).",
+Tile = Annotated[int | None, typer.Option(help="Sliding-window side in pixels (default: the model's training size; "
+                                               "models trained with resize: stack see the whole input).",
                                           min=32, rich_help_panel="Tiling")]
+Diameter = Annotated[float | None, typer.Option(
+    help="Typical cell diameter in the input, in pixels: the input is rescaled so cells appear at the training "
+         "data's median diameter (models trained with resize: none).", rich_help_panel="Input")]
 Overlap = Annotated[float, typer.Option(help="Fraction of a tile shared with its neighbours (blended).",
                                         min=0.0, max=0.9, rich_help_panel="Tiling")]
 BatchSize = Annotated[int, typer.Option(help="Tiles per forward pass.", min=1, rich_help_panel="Tiling")]
@@ -30,10 +34,15 @@ Device = Annotated[str, typer.Option(help="auto, cpu or cuda.", rich_help_panel=
 
 
 def _load(model: str, device: str, tracking_uri: str | None):
+    """The model, with one line on stderr when it predates the recorded input geometry."""
     from cellseg.engine.session import resolve_device
+    from cellseg.inference.predict import LEGACY_NOTE, is_legacy
     from cellseg.tracking.models import load_trained_model
 
-    return load_trained_model(model, device=resolve_device(device), tracking_uri=tracking_uri)
+    trained = load_trained_model(model, device=resolve_device(device), tracking_uri=tracking_uri)
+    if is_legacy(trained):
+        typer.echo(LEGACY_NOTE.format(uri=trained.uri, size=trained.size), err=True)
+    return trained
 
 
 def _check_device(device: str) -> None:
@@ -54,22 +63,24 @@ def predict(
     overlap: Overlap = 0.25,
     batch_size: BatchSize = 4,
     seed: Seed = 0,
+    diameter: Diameter = None,
     device: Device = "auto",
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """Segment stacks of any size with sliding-window tiles blended where they overlap.
+    """Segment stacks of any size at the pixel scale and normalisation the model was trained with.
 
     Writes OUT/masks/NAME.png (class index per pixel, same height and width as the input) and
     OUT/overlays/NAME.png (the input with prediction outlines).
     """
-    from cellseg.inference.predict import input_plan, iter_stacks, model_layout, predict_stacks
+    from cellseg.inference.predict import inference_factor, input_plan, iter_stacks, model_layout, predict_stacks
 
     _check_device(device)
     trained = _load(model, device, tracking_uri)
     plan = input_plan(trained, codes, strategy)
+    factor = inference_factor(trained, tile, diameter)
     stacks = iter_stacks(images, model_layout(trained), plan)
     count = 0
-    for p in predict_stacks(trained, stacks, out, plan, tile, overlap, batch_size, seed):
+    for p in predict_stacks(trained, stacks, out, plan, tile, overlap, batch_size, seed, factor):
         count += 1
         typer.echo(f"{p.name}: {p.height}x{p.width}, {100 * p.foreground_fraction:.1f}% cell, "
                    f"{p.seconds:.2f} s -> {p.mask_path}")
@@ -88,6 +99,7 @@ def evaluate(
     batch_size: BatchSize = 4,
     seed: Seed = 0,
     overlays: Annotated[bool, typer.Option(help="Also write OUT/overlays/ID.png with truth and prediction.")] = False,
+    diameter: Diameter = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment when the model's own run is unknown.")] = "cellseg",
     no_log: Annotated[bool, typer.Option("--no-log", help="Do not log the evaluation to MLflow.")] = False,
     device: Device = "auto",
@@ -96,12 +108,13 @@ def evaluate(
     """Score a model on a store: per-stack and summary metrics (CSV + JSON in OUT), logged to MLflow."""
     from cellseg.inference.evaluate import evaluate as run_evaluation
     from cellseg.inference.evaluate import log_evaluation
-    from cellseg.inference.predict import input_plan
+    from cellseg.inference.predict import inference_factor, input_plan
 
     _check_device(device)
     trained = _load(model, device, tracking_uri)
     plan = input_plan(trained, codes, strategy)
-    result = run_evaluation(trained, data, out, plan, tile, overlap, batch_size, seed, overlays)
+    factor = inference_factor(trained, tile, diameter)
+    result = run_evaluation(trained, data, out, plan, tile, overlap, batch_size, seed, overlays, factor)
     for row in result.summary.to_dict(orient="records"):
         typer.echo(f"{row['scope']}: {row['stacks']} stacks, accuracy {row['accuracy']:.4f}, "
                    f"background {row['background_accuracy']:.4f}, cell {row['cell_accuracy']:.4f}, "
@@ -109,7 +122,7 @@ def evaluate(
     typer.echo(f"tables in {out}")
     if not no_log:
         settings = {"codes": ",".join(str(c) for c in plan.codes), "tile": tile or trained.size,
-                    "overlap": overlap, "seed": seed}
+                    "overlap": overlap, "seed": seed, "diameter": diameter}
         run_id = log_evaluation(result, trained, settings, tracking_uri, experiment)
         typer.echo(f"logged to MLflow run {run_id}")
 

@@ -37,7 +37,7 @@ def transfer(
     from cellseg.data.store import open_store
     from cellseg.engine.session import resolve_device
     from cellseg.inference.evaluate import evaluate, log_evaluation
-    from cellseg.inference.predict import input_plan
+    from cellseg.inference.predict import inference_factor, input_plan
     from cellseg.inference.transfer import NotApplicable, plan_transfer, retarget, write_record
     from cellseg.tracking.models import load_trained_model
 
@@ -46,6 +46,7 @@ def transfer(
 
         raise ConfigError(f"--device {device}: expected auto, cpu or cuda")
     trained = load_trained_model(model, device=resolve_device(device), tracking_uri=tracking_uri)
+    inference_factor(trained, tile)  # a --tile the model's geometry contradicts: one line, before any work
     target = open_store(data).layout
     mapping = plan_transfer(trained.metadata, target)
     write_record(mapping, out, model)

@@ -4,11 +4,11 @@ Reading and normalising the pages a sample needs costs milliseconds per sample, 
 loading, not the model, would set the pace on a GPU (resident batches: 721 samples/s against 357 for the
 per-sample stream on one CPU core, README "Benchmarks"). A store the size
 of the paper's fits in memory: the resident source loads the needed channels of the selected
-stacks once (resized to ``size``, kept as uint16) into RAM or onto the training device, and each
-batch is the loading codes as tensor ops: gather the planes the draws use, divide by the stored
-maxima, weight and sum (``CodePlan.combine``).
+stacks once (at the model's pixel scale, kept as uint16, with each channel's intensity range) into
+RAM or onto the training device, and each batch is the samples' random crops and the loading codes
+as tensor ops: gather the planes the draws use, normalise, weight and sum (``CodePlan.combine``).
 A store that does not fit is streamed from Zarr by a DataLoader over the per-sample dataset.
-Both paths use dataset.py's resize and per-sample draws, so they yield identical batches.
+Both paths use dataset.py's view, crops and per-sample draws, so they yield identical batches.
 A rank of a distributed run builds its source over its shard of the stacks only (``per_epoch``
 and ``stream`` keep the ranks in step and their orders independent; engine/distributed.py).
 """
@@ -25,7 +25,17 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from cellseg.data.codes import CodePlan
-from cellseg.data.dataset import StackDataset, check_plan, epoch_order, resize_image, resize_mask, sample_generator
+from cellseg.data.dataset import (
+    StackDataset,
+    check_plan,
+    crop_generator,
+    cut,
+    epoch_order,
+    load_view,
+    sample_generator,
+)
+from cellseg.data.geometry import Geometry
+from cellseg.data.intensity import Normalisation
 from cellseg.data.store import Store, open_store
 from cellseg.errors import ConfigError
 
@@ -34,9 +44,14 @@ GPU_SHARE = 0.25  # resident on the GPU only if the data takes at most this shar
 RAM_SHARE = 0.5  # resident in RAM only if the data takes at most this share of available memory
 
 
-def resident_bytes(n_stacks: int, n_channels: int, size: int) -> int:
-    """Memory a resident source needs: uint16 channels plus a uint8 mask per stack."""
-    return n_stacks * size * size * (2 * n_channels + 1)
+def resident_bytes(store: Store, indices: Sequence[int], n_channels: int, geometry: Geometry) -> int:
+    """Memory a resident source needs: uint16 channels plus a uint8 mask per stack, at the model's scale."""
+    manifest = store.manifest
+    pixels = 0
+    for i in indices:
+        h, w = geometry.shape(int(manifest["height"].iloc[i]), int(manifest["width"].iloc[i]))
+        pixels += max(h, geometry.size) * max(w, geometry.size)
+    return pixels * (2 * n_channels + 1)
 
 
 def available_ram() -> int:
@@ -86,39 +101,37 @@ class _Batches:
 
 
 class ResidentBatches(_Batches):
-    """Needed channels of all selected stacks held as uint16 on ``storage`` (CPU RAM or the GPU)."""
+    """Needed channels of all selected stacks, at the model's pixel scale, held as uint16 on
+    ``storage`` (CPU RAM or the GPU); each batch is cut from them."""
 
-    def __init__(self, store: Store, indices, plan, size, batch_size, device, storage: torch.device,
-                 seed, shuffle, drop_last, per_epoch=None, stream=0):
+    def __init__(self, store: Store, indices, plan, geometry: Geometry, normalisation: Normalisation, batch_size,
+                 device, storage: torch.device, seed, shuffle, drop_last, per_epoch=None, stream=0):
         super().__init__(indices, plan, batch_size, device, seed, shuffle, drop_last, per_epoch, stream)
-        channels = plan.needed_channels
-        images = np.empty((len(self.indices), len(channels), size, size), dtype=np.uint16)
-        masks = np.empty((len(self.indices), size, size), dtype=np.uint8)
-        for n, index in enumerate(self.indices):
-            images[n] = resize_image(store.read_image(index, channels), size)
-            masks[n] = resize_mask(store.read_mask(index), size)
+        self.size = geometry.size
         pin = storage.type == "cpu" and device.type == "cuda"
-        self.images = _to(torch.from_numpy(images), storage, pin)
-        self.masks = _to(torch.from_numpy(masks), storage, pin)
-        self.maxima = torch.from_numpy(np.ascontiguousarray(store.channel_max[self.indices][:, channels]))
+        self.images, self.masks, ranges = [], [], []
+        for index in self.indices:
+            raw, mask, rng = load_view(store, index, plan.needed_channels, geometry, normalisation)
+            self.images.append(_to(torch.from_numpy(raw), storage, pin))
+            self.masks.append(_to(torch.from_numpy(mask.astype(np.uint8)), storage, pin))
+            ranges.append(rng)
+        self.ranges = torch.from_numpy(np.stack(ranges)) if ranges else torch.zeros(0, len(plan.needed_channels), 2)
         self.residency = "device" if storage.type != "cpu" else "ram"
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self._order(epoch)
         for start in range(0, len(order), self.batch_size):
-            positions = order[start:start + self.batch_size]
+            positions = order[start:start + self.batch_size].tolist()
             if self.drop_last and len(positions) < self.batch_size:
                 return
-            u = [self.plan.uniforms(1, sample_generator(self.seed, self.indices[p], epoch)) for p in positions.tolist()]
+            indices = [self.indices[p] for p in positions]
+            u = [self.plan.uniforms(1, sample_generator(self.seed, i, epoch)) for i in indices]
             index, weight = self.plan.choices(np.concatenate(u))
-            maxima = self.maxima[positions]
-            at = positions.to(self.images.device)
-            if self.images.device == self.device:  # gather the planes the draws use straight from storage
-                x = self.plan.combine(self.images, index, weight, maxima, rows=at)
-            else:  # pinned RAM -> GPU: copy the batch's channels, build on the GPU
-                raw = self.images.index_select(0, at).to(self.device, non_blocking=True)
-                x = self.plan.combine(raw, index, weight, maxima)
-            y = self.masks.index_select(0, at).to(self.device, non_blocking=True).long()
+            crops = [cut(self.images[p], self.masks[p], self.size, crop_generator(self.seed, i, epoch))
+                     for p, i in zip(positions, indices)]
+            raw = torch.stack([c[0] for c in crops]).to(self.device, non_blocking=True)
+            x = self.plan.combine(raw, index, weight, self.ranges[positions])
+            y = torch.stack([c[1] for c in crops]).to(self.device, non_blocking=True).long()
             yield x, y
 
 
@@ -140,10 +153,10 @@ class StreamingBatches(_Batches):
 
     residency = "stream"
 
-    def __init__(self, store: Store, indices, plan, size, batch_size, device, seed, shuffle, drop_last,
-                 num_workers: int, per_epoch=None, stream=0):
+    def __init__(self, store: Store, indices, plan, geometry: Geometry, normalisation: Normalisation, batch_size,
+                 device, seed, shuffle, drop_last, num_workers: int, per_epoch=None, stream=0):
         super().__init__(indices, plan, batch_size, device, seed, shuffle, drop_last, per_epoch, stream)
-        self.dataset = StackDataset(store.path, plan, self.indices, size, seed)
+        self.dataset = StackDataset(store.path, plan, self.indices, geometry, seed, normalisation)
         self.sampler = _EpochSampler(self)
         self.loader = DataLoader(
             self.dataset,
@@ -165,7 +178,7 @@ def make_batch_source(
     store: Store | str | Path,
     indices: Sequence[int],
     plan: CodePlan,
-    size: int,
+    geometry: Geometry,
     batch_size: int,
     device: str | torch.device,
     residency: Residency = "auto",
@@ -175,8 +188,10 @@ def make_batch_source(
     num_workers: int = 0,
     per_epoch: int | None = None,
     stream: int = 0,
+    normalisation: Normalisation = Normalisation("max"),
 ) -> ResidentBatches | StreamingBatches:
-    """Batches of (x float32 (B, in_channels, size, size), y int64 (B, size, size)) on ``device``.
+    """Batches of (x float32 (B, in_channels, size, size), y int64 (B, size, size)) on ``device``:
+    random ``geometry.size`` crops at the model's pixel scale, channels normalised by ``normalisation``.
 
     ``residency``: "ram" or "device" hold the needed data resident, "stream" reads per sample,
     "auto" picks the first of device (CUDA only), ram, stream that fits comfortably.
@@ -192,10 +207,11 @@ def make_batch_source(
     if residency not in ("auto", "ram", "device", "stream"):
         raise ConfigError(f"residency must be auto, ram, device or stream, got '{residency}'")
     if residency == "auto":
-        residency = choose_residency(resident_bytes(len(indices), len(plan.needed_channels), size), device)
+        needed = resident_bytes(store, indices, len(plan.needed_channels), geometry)
+        residency = choose_residency(needed, device)
     if residency == "stream":
-        return StreamingBatches(store, indices, plan, size, batch_size, device, seed, shuffle, drop_last, num_workers,
-                                per_epoch, stream)
+        return StreamingBatches(store, indices, plan, geometry, normalisation, batch_size, device, seed, shuffle,
+                                drop_last, num_workers, per_epoch, stream)
     storage = device if residency == "device" else torch.device("cpu")
-    return ResidentBatches(store, indices, plan, size, batch_size, device, storage, seed, shuffle, drop_last,
-                           per_epoch, stream)
+    return ResidentBatches(store, indices, plan, geometry, normalisation, batch_size, device, storage, seed, shuffle,
+                           drop_last, per_epoch, stream)

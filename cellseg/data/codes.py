@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cellseg.data.intensity import apply_ranges
 from cellseg.data.layouts import Layout, load_layout
 from cellseg.errors import ConfigError, validation_message
 from cellseg.resources import config_file
@@ -228,36 +229,29 @@ class CodePlan:
         x: torch.Tensor,
         index: torch.Tensor,
         weight: torch.Tensor,
-        maxima: torch.Tensor | None = None,
-        rows: torch.Tensor | None = None,
+        ranges: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Drawn choices applied to channels ``x`` (N, K, H, W) -> (B, J, H, W) float32 on x's device.
+        """Drawn choices applied to channels ``x`` (B, K, H, W) -> (B, J, H, W) float32 on x's device.
 
-        ``x`` holds normalised floats, or raw intensities (uint16) together with their ``maxima``
-        (B, K): the division is then folded into the weights, so only the planes a draw uses are
-        ever read and converted. ``rows`` (B,) picks the batch's samples from ``x`` (default: x is
-        the batch). Input channel j = sum over its terms m of weight[b, j, m] · x[rows[b], index[b, j, m]].
+        ``x`` holds normalised floats, or raw intensities (uint16) together with their intensity
+        ``ranges`` (B, K, 2) (intensity.py): each plane a draw uses is then normalised as it is
+        gathered, so planes no draw uses are never converted.
+        Input channel j = sum over its terms m of weight[b, j, m] · x[b, index[b, j, m]].
         """
-        n, k, h, w = x.shape
+        batch, k, h, w = x.shape
         device = x.device
         index, weight = index.to(device), weight.to(device, torch.float32)
-        batch = index.shape[0]
-        if maxima is not None:
-            maxima = maxima.to(device, torch.float32).gather(1, index.flatten(1)).view_as(weight)
-            weight = torch.where(maxima > 0, weight / torch.where(maxima > 0, maxima, 1.0), 0.0)
-        rows = torch.arange(batch, device=device) if rows is None else rows.to(device)
-        planes = x.reshape(n * k, h, w)
-        first = rows * k
-        out = torch.empty(batch, self.in_channels, h, w, device=device)
+        if ranges is not None:
+            where = index.flatten(1)[..., None].expand(-1, -1, 2)
+            ranges = ranges.to(device, torch.float32).gather(1, where).view(*index.shape, 2)
+        planes = x.reshape(batch * k, h, w)
+        first = torch.arange(batch, device=device) * k
+        out = torch.zeros(batch, self.in_channels, h, w, device=device)
         for j, terms in enumerate(self._terms):
-            if terms == 0:
-                out[:, j].zero_()
             for m in range(terms):
-                plane = planes.index_select(0, first + index[:, j, m]).to(torch.float32)
-                if m == 0:
-                    torch.mul(plane, weight[:, j, 0, None, None], out=out[:, j])
-                else:
-                    out[:, j].addcmul_(plane, weight[:, j, m, None, None])
+                plane = planes.index_select(0, first + index[:, j, m])
+                plane = apply_ranges(plane, ranges[:, j, m]) if ranges is not None else plane.to(torch.float32)
+                out[:, j].addcmul_(plane, weight[:, j, m, None, None])
         return out
 
     def apply(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -265,13 +259,6 @@ class CodePlan:
         if x.ndim != 4 or x.shape[1] != len(self.needed_channels):
             raise ValueError(f"expected (B, {len(self.needed_channels)}, H, W), got {tuple(x.shape)}")
         return self.combine(x, *self.draw(x.shape[0], generator))
-
-
-def normalise(raw: torch.Tensor, maxima: torch.Tensor) -> torch.Tensor:
-    """(B, K, H, W) raw intensities / (B, K) per-channel maxima -> float32; zero where a max is 0."""
-    maxima = maxima.to(raw.device, torch.float32)[..., None, None]
-    x = raw.to(torch.float32)
-    return torch.where(maxima > 0, x / torch.where(maxima > 0, maxima, 1.0), 0.0)
 
 
 def _probability(setting: Probability, run_value: float) -> float:

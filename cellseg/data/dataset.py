@@ -3,9 +3,10 @@
 Used by notebooks, tests, ``cellseg codes render`` and the streaming batch path. Draws the
 loading codes with a generator seeded from (seed, stack index, epoch), so a sample's draw does
 not depend on which worker, batch or subset it is loaded in; then reads only the channels that
-draw uses and combines them, divided by the maxima stored at ingest (``CodePlan.combine``).
-The resident batch path (batches.py) reuses the same resize, draw and combine, so both paths
-build identical inputs.
+draw uses, brings them to the model's pixel scale (geometry.py), cuts the sample's random crop
+(its own seeded generator) and combines them, each channel normalised by its intensity range over
+the native stack (intensity.py, ``CodePlan.combine``). The resident batch path (batches.py) reuses
+the same view, draw, crop and combine, so both paths build identical inputs.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from cellseg.data.codes import CodePlan, resolve_codes
+from cellseg.data.geometry import Geometry, crop_origin, training_view
+from cellseg.data.intensity import Normalisation
 from cellseg.data.store import Store, open_store
 from cellseg.errors import ConfigError
 
-_ORDER, _SAMPLE = 0, 1  # domain tags, so order and sample seeds never coincide
+_ORDER, _SAMPLE, _CROP = 0, 1, 2  # domain tags, so order, draw and crop seeds never coincide
 
 
 _MASK64 = 2**64 - 1
@@ -60,21 +62,26 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True, stream: int
     return torch.randperm(n, generator=derived_generator(*keys))
 
 
-def resize_image(raw: np.ndarray, size: int) -> np.ndarray:
-    """uint16 (K, H, W) -> uint16 (K, size, size): bilinear (antialiased), rounded."""
-    if raw.shape[-2:] == (size, size):
-        return raw
-    x = torch.from_numpy(raw.astype(np.float32))[None]
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return x[0].round().clamp(0, 65535).numpy().astype(np.uint16)
+def crop_generator(seed: int, index: int, epoch: int) -> torch.Generator:
+    """The generator for the random crop of stack ``index`` in ``epoch`` (independent of its code draw)."""
+    return derived_generator(seed, _CROP, index, epoch)
 
 
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """Class indices (H, W) -> (size, size), nearest neighbour (no new classes)."""
-    if mask.shape == (size, size):
-        return mask
-    m = torch.from_numpy(mask.astype(np.float32))[None, None]
-    return F.interpolate(m, size=(size, size), mode="nearest-exact")[0, 0].numpy().astype(mask.dtype)
+def load_view(store: Store, index: int, channels: Sequence[int], geometry: Geometry | None,
+              normalisation: Normalisation) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stack ``index``'s ``channels`` at the network's pixel scale: (uint16 (K, h, w), mask (h, w),
+    intensity ranges (K, 2) of the native channels). ``geometry`` None keeps native pixels."""
+    raw, mask = store.read_image(index, channels), store.read_mask(index)
+    ranges = normalisation.ranges(raw)
+    if geometry is not None:
+        raw, mask = training_view(raw, mask, geometry)
+    return raw, mask, ranges
+
+
+def cut(raw, mask, size: int, generator: torch.Generator):
+    """A random ``size`` crop of a view (numpy or torch; a view of exactly ``size`` is returned whole)."""
+    y, x = crop_origin(mask.shape[-2], mask.shape[-1], size, generator)
+    return raw[..., y:y + size, x:x + size], mask[y:y + size, x:x + size]
 
 
 def check_plan(plan: CodePlan, store: Store) -> None:
@@ -89,11 +96,13 @@ def check_plan(plan: CodePlan, store: Store) -> None:
 class StackDataset(Dataset):
     """Stacks of a store as (input, mask) samples; see ``open_dataset``."""
 
-    def __init__(self, store_path: Path, plan: CodePlan, indices: Sequence[int], size: int | None, seed: int):
+    def __init__(self, store_path: Path, plan: CodePlan, indices: Sequence[int], geometry: Geometry | None,
+                 seed: int, normalisation: Normalisation = Normalisation("max")):
         self.store_path = Path(store_path)
         self.plan = plan
         self.indices = [int(i) for i in indices]
-        self.size = size
+        self.geometry = geometry
+        self.normalisation = normalisation
         self.seed = seed
         self.epoch = 0
         self._store: Store | None = None
@@ -117,7 +126,8 @@ class StackDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample ``key`` (a position, or (position, epoch) as the streaming sampler passes it).
 
-        Draws first, then reads only the channels the draw uses (a random code reads one of its list).
+        Draws first, then reads only the channels the draw uses (a random code reads one of its list),
+        brings them to the model's pixel scale and cuts the sample's random crop.
         """
         position, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         index = self.indices[position]
@@ -125,14 +135,14 @@ class StackDataset(Dataset):
         used = torch.unique(where[weight != 0])
         used = used if len(used) else torch.zeros(1, dtype=torch.int64)  # all black: still need H, W
         channels = [self.plan.needed_channels[k] for k in used.tolist()]
-        raw, mask = self.store.read_image(index, channels), self.store.read_mask(index)
-        if self.size is not None:
-            raw, mask = resize_image(raw, self.size), resize_mask(mask, self.size)
-        maxima = torch.from_numpy(self.store.channel_max[index, channels])[None]
+        raw, mask, ranges = load_view(self.store, index, channels, self.geometry, self.normalisation)
+        if self.geometry is not None:
+            raw, mask = cut(raw, mask, self.geometry.size, crop_generator(self.seed, index, epoch))
         compact = torch.zeros(len(self.plan.needed_channels), dtype=torch.int64)
         compact[used] = torch.arange(len(used))
-        x = self.plan.combine(torch.from_numpy(raw)[None], compact[where], weight, maxima)
-        return x[0], torch.from_numpy(mask).long()
+        x = self.plan.combine(torch.from_numpy(np.ascontiguousarray(raw))[None], compact[where], weight,
+                              torch.from_numpy(ranges)[None])
+        return x[0], torch.from_numpy(np.ascontiguousarray(mask)).long()
 
 
 def open_dataset(
@@ -140,11 +150,13 @@ def open_dataset(
     codes: str | Sequence[int] | CodePlan,
     seed: int = 0,
     indices: Sequence[int] | None = None,
-    size: int | None = None,
+    geometry: Geometry | None = None,
     channel_dropout: float = 0.5,
     merge_dropout: float = 0.5,
+    normalisation: Normalisation = Normalisation("max"),
 ) -> StackDataset:
-    """A torch Dataset over a store's stacks (all, or ``indices``), native size unless ``size``.
+    """A torch Dataset over a store's stacks (all, or ``indices``): native pixels, or the training
+    samples of ``geometry`` (its pixel scale and random crops).
 
     ``codes``: a list of codes, a strategy name, ``"100,12,103"`` or a resolved ``CodePlan``.
     Unknown codes or channels the store's layout lacks raise ConfigError here, before any reading.
@@ -156,6 +168,6 @@ def open_dataset(
     bad = [i for i in chosen if not 0 <= int(i) < len(store)]
     if bad:
         raise IndexError(f"stack indices {bad[:5]} out of range for {len(store)} stacks")
-    dataset = StackDataset(Path(store_path), plan, chosen, size, seed)
+    dataset = StackDataset(Path(store_path), plan, chosen, geometry, seed, normalisation)
     dataset._store = store
     return dataset

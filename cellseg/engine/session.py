@@ -23,6 +23,7 @@ import torch
 from cellseg.config import Config
 from cellseg.data.batches import make_batch_source
 from cellseg.data.codes import resolve_codes
+from cellseg.data.geometry import median_cell_diameter
 from cellseg.data.split import Split, make_split
 from cellseg.data.store import open_store
 from cellseg.engine import distributed
@@ -33,6 +34,7 @@ from cellseg.errors import ConfigError
 from cellseg.model import build_model
 
 SPLIT_NAME = "split.json"
+INPUT_SCHEMA = 2  # 1: no record of geometry and normalisation (native tiles, per-channel maximum)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -89,8 +91,11 @@ class TrainingSession:
         if per_rank == 0:
             raise ConfigError(f"{data.store}: the split leaves {len(train_idx)} stacks for training, fewer than the "
                               f"{self.world.size} processes")
-        common = dict(plan=self.plan, size=data.size, batch_size=train.batch_size, device=self.device,
-                      residency=data.residency, seed=config.seed, num_workers=data.num_workers)
+        self.geometry, self.normalisation = data.geometry(), data.normalisation()
+        self.cell_diameter = median_cell_diameter([self.store.read_mask(i) for i in train_idx])
+        common = dict(plan=self.plan, geometry=self.geometry, normalisation=self.normalisation,
+                      batch_size=train.batch_size, device=self.device, residency=data.residency, seed=config.seed,
+                      num_workers=data.num_workers)
         # fastai drops the last short training batch (batch norm dislikes a batch of one).
         self.train_source = make_batch_source(self.store, self.world.shard(train_idx), shuffle=True,
                                               drop_last=per_rank >= train.batch_size, per_epoch=per_rank,
@@ -198,9 +203,14 @@ class TrainingSession:
             return self.model(self._layout(x)).argmax(1)
 
     def metadata(self) -> dict[str, Any]:
-        """What a saved model needs to be used again (CONTRACTS.md, the MLflow model's metadata)."""
+        """What a saved model needs to be used again (the MLflow model's metadata): its inputs'
+        loading codes, layout, pixel scale (``geometry``, with the training masks' median cell
+        diameter in native pixels) and intensity ``normalisation`` — inference repeats exactly these."""
         data = self.config.data
         return {
+            "input_schema": INPUT_SCHEMA,
+            "geometry": {**self.geometry.to_dict(), "cell_diameter": self.cell_diameter},
+            "normalisation": self.normalisation.to_dict(),
             "codes": list(self.plan.codes),
             "strategy": self.plan.strategy,
             "layout": self.store.layout.model_dump(mode="json"),

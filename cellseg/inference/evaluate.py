@@ -1,7 +1,7 @@
 """Evaluate a trained model on an ingested store: per-stack and pooled metrics, as files and in MLflow.
 
-Each stack is segmented whole, exactly as ``cellseg predict`` does it (tiled, blended, the model's
-codes), and scored with the training engine's own metrics (``SegmentationMetrics``), so the numbers
+Each stack is segmented whole, exactly as ``cellseg predict`` does it (the model's pixel scale,
+normalisation and codes, blended windows, probabilities at native pixels), and scored with the training engine's own metrics (``SegmentationMetrics``), so the numbers
 mean the same as the validation curves. The summary pools pixels over all stacks, over stacks with
 cells and over cell-free controls (where only background accuracy is defined).
 """
@@ -29,7 +29,14 @@ from cellseg.data.store import open_store
 from cellseg.engine.metrics import SegmentationMetrics
 from cellseg.errors import BadInputError
 from cellseg.fileio import write_text
-from cellseg.inference.predict import model_input, model_layout, segment, store_stacks, write_png
+from cellseg.inference.predict import (
+    model_input,
+    model_layout,
+    model_normalisation,
+    segment,
+    store_stacks,
+    write_png,
+)
 from cellseg.tracking.models import TrainedModel, mlflow_errors, use_tracking_uri
 from cellseg.visualize import overlay
 
@@ -63,6 +70,7 @@ def evaluate(
     batch_size: int = 4,
     seed: int = 0,
     overlays: bool = False,
+    factor: float = 1.0,
 ) -> Evaluation:
     """Score every stack of ``store_path``; write per_stack/summary tables (CSV + JSON) to ``out``."""
     out = Path(out)
@@ -79,8 +87,7 @@ def evaluate(
     counts = dict.fromkeys(SCOPES, 0)
     rows = []
     for i, stack in enumerate(store_stacks(Path(store_path), model_layout(trained), plan)):
-        x = model_input(stack, plan, seed)
-        probs = segment(trained, x, tile, overlap, batch_size)
+        probs = segment(trained, stack, plan, tile, overlap, batch_size, seed, factor)
         truth = torch.from_numpy(store.read_mask(i).astype("int64")).to(device)
         # blended probabilities sum to one per pixel, so their log is a valid logit for the metrics
         logits = probs.clamp_min(1e-8).log()[None]
@@ -101,6 +108,7 @@ def evaluate(
             **_scores(own),
         })
         if overlays:
+            x = model_input(stack, plan, model_normalisation(trained), seed=seed)
             write_png(out / "overlays" / f"{stack.name}.png",
                       overlay(x, labels.to(torch.uint8).cpu().numpy(), store.read_mask(i)))
     summary_rows = [

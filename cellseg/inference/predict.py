@@ -1,7 +1,11 @@
 """Whole-image prediction: stacks in (TIFF files or a Zarr store), label masks and previews out.
 
-The model input is built exactly as in training: the stack channels the loading codes need, each
-divided by its own maximum over the image, combined by the code plan. Inference rule for codes
+The model input is built exactly as in training, from the model's own record: the stack channels
+the loading codes need, each normalised by its intensity range over the native image (intensity.py),
+brought to the pixel scale the model was trained at (geometry.py: the whole stack resized, or native
+pixels x scale in sliding windows), combined by the code plan; the class probabilities are mapped
+back to the native pixels. A model saved before that record existed (input schema 1) is used as it
+was then: native-pixel tiles, per-channel maximum. Inference rule for codes
 with randomness: the run-level channel and merge dropout are switched off (dropout is a training
 augmentation: at inference every channel a code can load is loaded); draws that remain (``random``
 codes, codes with their own fixed dropout probability) come from a generator seeded with ``seed``,
@@ -17,9 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from cellseg.data.codes import CodePlan, normalise, resolve_codes
+from cellseg.data.codes import CodePlan, resolve_codes
+from cellseg.data.geometry import Geometry, diameter_factor, pad_to, resize_planes
+from cellseg.data.intensity import Normalisation
 from cellseg.data.layouts import Layout
 from cellseg.data.readers import decode_stack, read_stack_header
 from cellseg.errors import BadInputError, ConfigError
@@ -33,12 +40,11 @@ TIFF_SUFFIXES = (".ome.tif", ".ome.tiff", ".tif", ".tiff")
 
 @dataclass(frozen=True)
 class Stack:
-    """One image to segment: the channels the plan needs (uint16, K×H×W) and their maxima."""
+    """One image to segment: the channels the plan needs (K×H×W, native pixels)."""
 
     name: str  # output name: file stem or store id ('/' keeps subfolders)
     source: str
     channels: np.ndarray
-    maxima: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -77,19 +83,63 @@ def input_plan(
     return plan
 
 
-def model_input(stack: Stack, plan: CodePlan, seed: int = 0) -> torch.Tensor:
-    """float32 (in_channels, H, W) on the CPU: channels divided by their maxima, combined by ``plan``."""
-    raw = torch.from_numpy(stack.channels.astype(np.int32))[None]
-    x = normalise(raw, torch.from_numpy(np.asarray(stack.maxima, dtype=np.float32))[None])
-    return plan.apply(x, torch.Generator().manual_seed(seed))[0]
+LEGACY_NOTE = ("note: {uri} records no input geometry or normalisation (saved before cellseg recorded them): "
+               "using native-pixel tiles of {size} px and per-channel maximum normalisation, as then")
 
 
-def segment(
-    trained: TrainedModel, x: torch.Tensor, tile: int | None = None, overlap: float = 0.25, batch_size: int = 4
-) -> torch.Tensor:
-    """Class probabilities (num_classes, H, W) on the model's device, by blended sliding windows."""
+def is_legacy(trained: TrainedModel) -> bool:
+    return "geometry" not in trained.metadata
+
+
+def model_geometry(trained: TrainedModel) -> Geometry:
+    """The pixel scale the model was trained at (legacy models: native-pixel tiles of their size)."""
+    record = trained.metadata.get("geometry") or {"resize": "none", "size": trained.size}
+    return Geometry(record["resize"], int(record["size"]), float(record.get("scale", 1.0)),
+                    bool(record.get("keep_aspect", True)))
+
+
+def model_normalisation(trained: TrainedModel) -> Normalisation:
+    record = trained.metadata.get("normalisation") or {"method": "max"}
+    return Normalisation(record["method"], float(record.get("low", 1.0)), float(record.get("high", 99.8)))
+
+
+def inference_factor(trained: TrainedModel, tile: int | None = None, diameter: float | None = None) -> float:
+    """The extra rescale ``--diameter`` asks for (1 without it); options that contradict the model's
+    geometry are a one-line ConfigError naming both."""
+    geometry = model_geometry(trained)
+    if tile is not None and geometry.resize == "stack" and tile != geometry.size:
+        raise ConfigError(f"--tile {tile}: model {trained.uri} was trained with resize: stack "
+                          f"({geometry.describe()}); it sees each whole input at that size, not in tiles")
+    train_diameter = (trained.metadata.get("geometry") or {}).get("cell_diameter")
+    return diameter_factor(geometry, train_diameter, diameter)
+
+
+def model_input(stack: Stack, plan: CodePlan, normalisation: Normalisation, shape: tuple[int, int] | None = None,
+                seed: int = 0) -> torch.Tensor:
+    """float32 (in_channels, h, w) on the CPU: channels normalised by their native ranges, resized to
+    ``shape`` (default: native), combined by ``plan`` (one draw seeded by ``seed``)."""
+    ranges = torch.from_numpy(normalisation.ranges(stack.channels))[None]
+    raw = stack.channels if shape is None else resize_planes(stack.channels.astype(np.float32), shape)
+    draw = plan.draw(1, torch.Generator().manual_seed(seed))
+    return plan.combine(torch.from_numpy(np.ascontiguousarray(raw))[None], *draw, ranges)[0]
+
+
+def segment(trained: TrainedModel, stack: Stack, plan: CodePlan, tile: int | None = None, overlap: float = 0.25,
+            batch_size: int = 4, seed: int = 0, factor: float = 1.0) -> torch.Tensor:
+    """Class probabilities (num_classes, H, W) at the stack's native pixels, on the model's device:
+    the input at the model's pixel scale (``factor``: extra rescale, see ``inference_factor``),
+    zero-padded to at least the model's size, blended sliding windows, mapped back."""
+    geometry = model_geometry(trained)
+    height, width = stack.channels.shape[-2:]
+    shape = geometry.shape(height, width, factor)
+    x = torch.from_numpy(pad_to(model_input(stack, plan, model_normalisation(trained), shape, seed).numpy(),
+                                geometry.size))
     device = next(trained.model.parameters()).device
-    return predict_tiled(trained.model, x, tile or trained.size, overlap, batch_size, device)
+    probs = predict_tiled(trained.model, x, tile or geometry.size, overlap, batch_size, device)
+    probs = probs[:, : shape[0], : shape[1]]
+    if shape != (height, width):
+        probs = F.interpolate(probs[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+    return probs
 
 
 # --- inputs ---------------------------------------------------------------------------------------
@@ -112,8 +162,7 @@ def read_tiff_stack(path: Path, layout: Layout, plan: CodePlan) -> Stack:
             f"stacks (layout '{layout.name}')"
         )
     image = decode_stack(path, path.read_bytes(), header)[plan.needed_channels]
-    maxima = image.reshape(image.shape[0], -1).max(axis=1).astype(np.float32)
-    return Stack(_stem(path), str(path), image, maxima)
+    return Stack(_stem(path), str(path), image)
 
 
 def _is_store(path: Path) -> bool:
@@ -131,8 +180,7 @@ def store_stacks(path: Path, layout: Layout, plan: CodePlan) -> Iterator[Stack]:
             f"model was trained on {layout.n_channels} (layout '{layout.name}')"
         )
     for i, stack_id in enumerate(store.ids):
-        maxima = store.channel_max[i][plan.needed_channels]
-        yield Stack(stack_id, f"{path}#{stack_id}", store.read_image(i, plan.needed_channels), maxima)
+        yield Stack(stack_id, f"{path}#{stack_id}", store.read_image(i, plan.needed_channels))
 
 
 def iter_stacks(inputs: Sequence[str | Path], layout: Layout, plan: CodePlan) -> Iterator[Stack]:
@@ -172,6 +220,7 @@ def predict_stacks(
     overlap: float = 0.25,
     batch_size: int = 4,
     seed: int = 0,
+    factor: float = 1.0,
 ) -> Iterator[Prediction]:
     """Segment each stack; write ``OUT/masks/NAME.png`` (class indices, as Mask_Norm) and
     ``OUT/overlays/NAME.png`` (input with prediction outlines). Yields one record per stack."""
@@ -182,10 +231,10 @@ def predict_stacks(
             raise BadInputError(f"{stack.source}: output name '{stack.name}' also used by {seen[stack.name]}")
         seen[stack.name] = stack.source
         start = time.perf_counter()
-        x = model_input(stack, plan, seed)
-        probs = segment(trained, x, tile, overlap, batch_size)
+        probs = segment(trained, stack, plan, tile, overlap, batch_size, seed, factor)
         labels = probs.argmax(0).to(torch.uint8).cpu().numpy()
         seconds = time.perf_counter() - start
+        x = model_input(stack, plan, model_normalisation(trained), seed=seed)
         mask_path = write_png(out / "masks" / f"{stack.name}.png", labels)
         overlay_path = write_png(out / "overlays" / f"{stack.name}.png", overlay(x, labels))
         h, w = labels.shape
