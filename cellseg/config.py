@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from cellseg.data.geometry import Geometry, Resize
+from cellseg.data.intensity import Method, Normalisation
 from cellseg.errors import ConfigError, validation_message
 from cellseg.resources import config_file
 from cellseg.yamlio import read_yaml
@@ -28,7 +30,15 @@ class DataConfig(_Section):
     store: Path | None = Field(None, description="Zarr store written by `cellseg data ingest`.")
     strategy: str | None = Field("fluorescence", description="Named strategy (configs/strategies.yaml).")
     codes: list[int] | None = Field(None, description="Loading codes; override the strategy when set.")
-    size: int = Field(400, gt=0, description="Training crop size in pixels.")
+    size: int = Field(400, ge=32, description="Network input side in pixels (the encoder needs >= 32): the "
+                                              "resized stack, or the crop / sliding window.")
+    resize: Resize = Field("none", description="stack: whole stacks resized to size (the paper's subimages); "
+                                               "none: native pixels x scale, random crops of size.")
+    keep_aspect: bool = Field(True, description="resize stack: keep the aspect ratio (zero-pad), else squash.")
+    scale: float = Field(1.0, gt=0, description="resize none: rescale factor applied to every stack.")
+    normalize: Method = Field("percentile", description="max: divide each channel by its maximum (the paper's); "
+                                                        "percentile: map the percentiles to 0-1, clipped.")
+    percentiles: tuple[float, float] = Field((1.0, 99.8), description="normalize percentile: (low, high).")
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     channel_dropout: float = Field(0.5, ge=0.0, le=1.0, description="P(black) for codes >= 200.")
     merge_dropout: float = Field(0.5, ge=0.0, le=1.0, description="P(leave out) per merged channel.")
@@ -37,11 +47,35 @@ class DataConfig(_Section):
     )
     num_workers: int = Field(0, ge=0, description="DataLoader workers for the streaming path.")
 
+    @field_validator("percentiles")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= value[0] < value[1] <= 100.0:
+            raise ValueError("percentiles must be (low, high) with 0 <= low < high <= 100")
+        return value
+
+    def geometry(self) -> Geometry:
+        return Geometry(self.resize, self.size, self.scale, self.keep_aspect)
+
+    def normalisation(self) -> Normalisation:
+        return Normalisation(self.normalize, *self.percentiles)
+
 
 class ModelConfig(_Section):
     encoder: str = "resnet34"
-    encoder_weights: Path | None = Field(None, description="Local encoder weights file; never downloaded.")
+    encoder_weights: str | None = Field(
+        None,
+        description="null = random; a timm pretrained tag (imagenet = timm's default for the encoder, or e.g. "
+        "a1_in1k; from timm's Hugging Face cache, downloaded when the hub is reachable); or a local weights "
+        "file or folder (a value with '/' or a .pth/.pt/.bin/.safetensors suffix).",
+    )
     num_classes: int = Field(2, ge=2)
+
+    @field_validator("encoder_weights", mode="before")
+    @classmethod
+    def _path_as_text(cls, value: Any) -> Any:
+        """Accept a ``Path`` (the field's former type) as its text; weights.py tells paths from tags."""
+        return str(value) if isinstance(value, Path) else value
 
 
 class AugmentConfig(_Section):

@@ -14,6 +14,7 @@ import torch
 
 from cellseg.config import load_config
 from cellseg.data.batches import make_batch_source
+from cellseg.data.geometry import Geometry
 from cellseg.data.codes import resolve_codes
 from cellseg.data.store import open_store
 from cellseg.engine.checkpoint import load_checkpoint
@@ -46,7 +47,7 @@ def test_ranks_read_disjoint_shards_in_step(trainer_store):
     indices = list(range(len(store)))  # 6 stacks over 4 ranks: shards of 2, 2, 1, 1
     shards = [World(rank, 4).shard(indices) for rank in range(4)]
     assert sorted(i for shard in shards for i in shard) == indices
-    sources = [make_batch_source(store, shard, plan, 32, 1, "cpu", residency="ram", per_epoch=len(indices) // 4,
+    sources = [make_batch_source(store, shard, plan, Geometry("stack", 32), 1, "cpu", residency="ram", per_epoch=len(indices) // 4,
                                  stream=rank, drop_last=True) for rank, shard in enumerate(shards)]
     assert [len(s) for s in sources] == [1, 1, 1, 1]  # every rank takes as many steps
     assert [len(s.images) for s in sources] == [2, 2, 1, 1]  # each holds only its shard

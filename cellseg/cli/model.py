@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -18,7 +17,12 @@ def summary(
     size: Annotated[int, typer.Option("--size", help="Square input side in pixels (any size, e.g. 400).")] = 400,
     encoder: Annotated[str, typer.Option("--encoder", help="timm encoder name (features_only).")] = "resnet34",
     weights: Annotated[
-        Path | None, typer.Option("--weights", help="Local encoder weights file to load (never downloaded).")
+        str | None,
+        typer.Option(
+            "--weights",
+            help="Encoder weights: a timm pretrained tag (imagenet = timm's default, or e.g. a1_in1k; from timm's"
+            " cache or the model hub) or a local weights file or folder. Default: random.",
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print {parameters, output_shape, stages} as JSON.")] = False,
 ) -> None:

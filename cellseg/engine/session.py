@@ -32,6 +32,7 @@ from cellseg.engine.losses import weighted_cross_entropy
 from cellseg.engine.metrics import SegmentationMetrics
 from cellseg.errors import ConfigError
 from cellseg.model import build_model
+from cellseg.model.weights import describe_encoder_weights
 
 SPLIT_NAME = "split.json"
 INPUT_SCHEMA = 2  # 1: no record of geometry and normalisation (native tiles, per-channel maximum)
@@ -221,4 +222,5 @@ class TrainingSession:
             "channel_dropout": data.channel_dropout,
             "merge_dropout": data.merge_dropout,
             "encoder": self.config.model.encoder,
+            "encoder_weights": describe_encoder_weights(self.config.model.encoder, self.config.model.encoder_weights),
         }

@@ -15,7 +15,7 @@ from torch import nn
 
 from cellseg.errors import ConfigError
 from cellseg.model.layers import Bridge, PixelShuffleICNR, ResBlock, UnetBlock, resize_to
-from cellseg.model.weights import load_encoder_weights
+from cellseg.model.weights import create_encoder
 
 
 class UNet(nn.Module):
@@ -77,15 +77,9 @@ def build_model(
     num_classes: int = 2,
     encoder_weights: str | Path | None = None,
 ) -> UNet:
-    """The U-Net on a timm ``encoder`` (random weights, or a local ``encoder_weights`` file; no download)."""
+    """The U-Net on a timm ``encoder``: random, or ``encoder_weights`` (a timm tag or a local file, see weights.py)."""
     if in_channels < 1 or num_classes < 1:
         raise ConfigError(f"model: in_channels={in_channels} and num_classes={num_classes} must be >= 1")
     if not timm.is_model(encoder):
         raise ConfigError(f"model.encoder: unknown timm model {encoder!r}")
-    try:
-        enc = timm.create_model(encoder, pretrained=False, features_only=True, in_chans=in_channels)
-    except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
-        raise ConfigError(f"model.encoder: {encoder!r} has no features_only form ({exc})") from None
-    if encoder_weights is not None:
-        load_encoder_weights(enc, encoder_weights)
-    return UNet(enc, in_channels, num_classes)
+    return UNet(create_encoder(encoder, in_channels, encoder_weights), in_channels, num_classes)
