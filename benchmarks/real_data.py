@@ -16,7 +16,7 @@ Steps, all in the work folder (kept for inspection; a fresh temporary folder unl
   4. ``cellseg predict WORK/run WORK/heldout/FullImage --out WORK/pred --device cpu <--predict-args>``
   5. per held-out image: Dice and IoU of the cell class (predicted class > 0) against Mask_Norm, and
      the same for an Otsu baseline: foreground = page 0 (the cytoplasm/membrane stain) above its Otsu
-     threshold (skimage's ``threshold_otsu`` when installed, else the same computation in numpy)
+     threshold (skimage's ``threshold_otsu``)
 
 Subprocesses run in the work folder (MLflow artifacts land there) with OMP/MKL/OpenBLAS threads set to
 ``--threads``. Prints a markdown table (one row per held-out image, then the mean over images and the
@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 from PIL import Image
+from skimage.filters import threshold_otsu
 
 REPO = Path(__file__).resolve().parents[1]
 MAKER = REPO.parent / "shared" / "realdata" / "make_real_dev.py"
@@ -127,41 +128,10 @@ def iou(pred: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if union == 0 else int(np.logical_and(pred, truth).sum()) / union
 
 
-def otsu_threshold_numpy(image: np.ndarray, nbins: int = 256) -> float:
-    """Otsu's threshold as skimage computes it: exact histogram for integers, ``nbins`` bins otherwise."""
-    values = np.asarray(image).ravel()
-    if values.min() == values.max():
-        return float(values.min())
-    if np.issubdtype(values.dtype, np.integer):
-        offset = int(values.min())
-        counts = np.bincount((values.astype(np.int64) - offset))
-        centers = np.arange(counts.size, dtype=np.float64) + offset
-    else:
-        counts, edges = np.histogram(values.astype(np.float64), bins=nbins)
-        centers = (edges[:-1] + edges[1:]) / 2
-    counts = counts.astype(np.float64)
-    weight1 = np.cumsum(counts)
-    weight2 = np.cumsum(counts[::-1])[::-1]
-    mean1 = np.cumsum(counts * centers) / np.maximum(weight1, 1e-300)
-    mean2 = (np.cumsum((counts * centers)[::-1]) / np.maximum(weight2[::-1], 1e-300))[::-1]
-    variance = weight1[:-1] * weight2[1:] * (mean1[:-1] - mean2[1:]) ** 2
-    return float(centers[:-1][np.argmax(variance)])
-
-
-def otsu_threshold(image: np.ndarray) -> tuple[float, str]:
-    """(threshold, implementation): skimage's ``threshold_otsu`` if installed, else the numpy copy."""
-    try:
-        from skimage.filters import threshold_otsu
-    except ImportError:
-        return otsu_threshold_numpy(image), "numpy (skimage not installed)"
-    return float(threshold_otsu(image)), "skimage.filters.threshold_otsu"
-
-
 def otsu_foreground(stack: np.ndarray) -> tuple[np.ndarray, str]:
     """(foreground mask, implementation): page 0 (the cell stain) above its Otsu threshold."""
     page = stack[0]
-    threshold, how = otsu_threshold(page)
-    return page > threshold, how
+    return page > threshold_otsu(page), "skimage.filters.threshold_otsu"
 
 
 def score_image(stack_path: Path, truth_path: Path, pred_path: Path) -> dict:

@@ -52,7 +52,7 @@ def _expected(store, index: int, channels: list[int]) -> np.ndarray:
 
 
 def test_dataset_sample_matches_numpy(store_path):
-    ds = open_dataset(store_path, [100, 3, 12, 110])
+    ds = open_dataset(store_path, [100, 3, 12, 110], normalisation=Normalisation("max"))
     store = open_store(store_path)
     assert len(ds) == 7
     for index in (0, 2, 4):

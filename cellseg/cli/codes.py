@@ -112,19 +112,25 @@ def render_cmd(
     epoch: Annotated[int, typer.Option(help="Epoch whose random draw to show.")] = 0,
     channel_dropout: Annotated[float, typer.Option(help="P(black) for codes >= 200.")] = 0.5,
     merge_dropout: Annotated[float, typer.Option(help="P(leave out) per merged channel.")] = 0.5,
+    normalize: Annotated[str, typer.Option(help="Intensity normalisation: percentile (the default config's) or "
+                                                "max (the paper's).")] = "percentile",
 ) -> None:
-    """Write exactly what the dataset builds for one stack (native size, before augmentation)."""
+    """Write exactly what the dataset builds for one stack (native pixels, before augmentation)."""
     import numpy as np
 
     from cellseg.data.codes import parse_codes
     from cellseg.data.dataset import open_dataset
+    from cellseg.data.intensity import Normalisation
     from cellseg.errors import ConfigError
     from cellseg.fileio import atomic_path
 
     if (codes is None) == (strategy is None):
         raise ConfigError("give exactly one of --codes and --strategy")
+    if normalize not in ("percentile", "max"):
+        raise ConfigError(f"--normalize {normalize}: expected percentile or max")
     chosen = parse_codes(codes) if codes is not None else strategy
-    dataset = open_dataset(store, chosen, seed=seed, channel_dropout=channel_dropout, merge_dropout=merge_dropout)
+    dataset = open_dataset(store, chosen, seed=seed, channel_dropout=channel_dropout, merge_dropout=merge_dropout,
+                           normalisation=Normalisation(normalize))
     position = dataset.store.index(stack_id)
     dataset.set_epoch(epoch)
     x, _ = dataset[position]

@@ -188,7 +188,7 @@ def make_batch_source(
     num_workers: int = 0,
     per_epoch: int | None = None,
     stream: int = 0,
-    normalisation: Normalisation = Normalisation("max"),
+    normalisation: Normalisation = Normalisation(),
 ) -> ResidentBatches | StreamingBatches:
     """Batches of (x float32 (B, in_channels, size, size), y int64 (B, size, size)) on ``device``:
     random ``geometry.size`` crops at the model's pixel scale, channels normalised by ``normalisation``.

@@ -97,7 +97,7 @@ class StackDataset(Dataset):
     """Stacks of a store as (input, mask) samples; see ``open_dataset``."""
 
     def __init__(self, store_path: Path, plan: CodePlan, indices: Sequence[int], geometry: Geometry | None,
-                 seed: int, normalisation: Normalisation = Normalisation("max")):
+                 seed: int, normalisation: Normalisation = Normalisation()):
         self.store_path = Path(store_path)
         self.plan = plan
         self.indices = [int(i) for i in indices]
@@ -153,7 +153,7 @@ def open_dataset(
     geometry: Geometry | None = None,
     channel_dropout: float = 0.5,
     merge_dropout: float = 0.5,
-    normalisation: Normalisation = Normalisation("max"),
+    normalisation: Normalisation = Normalisation(),
 ) -> StackDataset:
     """A torch Dataset over a store's stacks (all, or ``indices``): native pixels, or the training
     samples of ``geometry`` (its pixel scale and random crops).

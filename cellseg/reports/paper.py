@@ -268,8 +268,9 @@ class _Report:
         lines = ["## 4. Generalisation", "",
                  "Each model as trained on `trainer`, scored on the held-out `test` dataset as is (there channels "
                  "0–2 carry an ER label instead of cytoplasm) and on `external` with every input mapped to the "
-                 "channel of the same meaning (`cellseg transfer`; not applicable when one has none). Test and "
-                 "external are scored on whole stacks (tiled), trainer on the resized validation split.", "",
+                 "channel of the same meaning (`cellseg transfer`; not applicable when one has none). All three are "
+                 "seen at the pixel scale each model was trained at (its recorded geometry); test and external "
+                 "are scored on whole stacks mapped back to native pixels, trainer on the validation split.", "",
                  "| model | codes | trainer (val) | test | test − trainer | reads relabelled channels | external |",
                  "|---|---|---|---|---|---|---|"]
         for r in table.itertuples():
