@@ -22,11 +22,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from scipy import ndimage
 
 from cellseg.errors import ConfigError
+
+# torch and scipy are imported where used: the config (and so every CLI start) imports this module.
 
 Resize = Literal["stack", "none"]
 
@@ -67,6 +66,9 @@ def resize_planes(planes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     floats stay float32 — the same filter in training (stored uint16) and inference (floats)."""
     if planes.shape[-2:] == tuple(shape):
         return planes
+    import torch
+    import torch.nn.functional as F
+
     x = torch.from_numpy(planes.astype(np.float32, copy=False))[None]
     x = F.interpolate(x, size=tuple(shape), mode="bilinear", align_corners=False, antialias=True)[0]
     if planes.dtype == np.uint16:
@@ -78,6 +80,9 @@ def resize_labels(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Class indices (H, W) -> (h, w), nearest neighbour (no new classes)."""
     if mask.shape == tuple(shape):
         return mask
+    import torch
+    import torch.nn.functional as F
+
     m = torch.from_numpy(mask.astype(np.float32))[None, None]
     return F.interpolate(m, size=tuple(shape), mode="nearest-exact")[0, 0].numpy().astype(mask.dtype)
 
@@ -98,8 +103,11 @@ def training_view(raw: np.ndarray, mask: np.ndarray, geometry: Geometry) -> tupl
     return pad_to(resize_planes(raw, shape), geometry.size), pad_to(resize_labels(mask, shape), geometry.size)
 
 
-def crop_origin(height: int, width: int, size: int, generator: torch.Generator) -> tuple[int, int]:
-    """A uniformly random top-left corner of a ``size`` crop inside a (height, width) view."""
+def crop_origin(height: int, width: int, size: int, generator) -> tuple[int, int]:
+    """A uniformly random top-left corner of a ``size`` crop inside a (height, width) view, drawn
+    from a ``torch.Generator``."""
+    import torch
+
     y, x = torch.randint(2**31 - 1, (2,), generator=generator).tolist()
     return y % (height - size + 1), x % (width - size + 1)
 
@@ -108,6 +116,8 @@ def median_cell_diameter(masks: list[np.ndarray]) -> float | None:
     """Median equivalent diameter (2·sqrt(area/π), px) of the cells in class-index masks: each
     connected region of non-background pixels is one cell (touching cells count as one object).
     None when the masks hold no cell."""
+    from scipy import ndimage
+
     diameters = []
     for mask in masks:
         labels, n = ndimage.label(mask > 0)

@@ -14,10 +14,12 @@ A channel whose range is empty (constant, or all zero) becomes all zero, never N
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 Method = Literal["max", "percentile"]
 
@@ -50,6 +52,8 @@ class Normalisation:
 
 def apply_ranges(planes: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
     """(…, H, W) intensities with (…, 2) ranges -> float32 in [0, 1]; zero where a range is empty."""
+    import torch  # here, not at the top: the config (every CLI start) imports this module
+
     low, high = ranges[..., 0, None, None].float(), ranges[..., 1, None, None].float()
     span = high - low
     scale = torch.where(span > 0, 1.0 / torch.where(span > 0, span, 1.0), 0.0)
