@@ -180,3 +180,15 @@ def test_a_model_without_the_record_is_used_as_before_with_one_line(tmp_path):
     assert result.exit_code == 0, result.output
     notes = [line for line in result.output.splitlines() if "records no input geometry" in line]
     assert len(notes) == 1 and "native-pixel tiles of 64 px" in notes[0] and "maximum" in notes[0]
+
+
+def test_a_run_from_before_the_record_is_not_resumed_with_a_silently_different_input():
+    from cellseg.engine.restore import check_resume_config
+
+    config = load_config()
+    saved = config.to_dict()
+    check_resume_config(saved, config)  # a current run resumes
+    for key in ("resize", "keep_aspect", "scale", "normalize", "percentiles"):
+        del saved["data"][key]
+    with pytest.raises(ConfigError, match="before cellseg recorded its input geometry.*--init-from"):
+        check_resume_config(saved, config)

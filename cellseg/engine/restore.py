@@ -25,6 +25,10 @@ RESUMABLE_PREFIXES = ("tracking.",)
 
 def check_resume_config(saved: dict[str, Any], config: Config) -> None:
     """ConfigError naming the keys (other than the resumable ones) that differ from the checkpoint's."""
+    if "resize" not in (saved.get("data") or {}):
+        raise ConfigError("--resume: this run was trained before cellseg recorded its input geometry and "
+                          "normalisation (whole stacks squashed to data.size, per-channel maximum) and cannot continue "
+                          "unchanged; start a new run with --init-from it")
     try:
         old = Config.model_validate(saved).flat()
     except ValidationError:
