@@ -19,7 +19,8 @@ from typing import Any
 from cellseg.errors import BadInputError
 
 
-def _check_writable_dir(directory: Path) -> None:
+def check_writable_dir(directory: Path) -> None:
+    """Create ``directory`` if needed; BadInputError (one line) when it cannot be created or written."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -37,7 +38,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     Works for files and folders. On error the temporary is removed and ``path`` is untouched.
     """
     final = Path(path)
-    _check_writable_dir(final.parent)
+    check_writable_dir(final.parent)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     except OSError as exc:
@@ -64,7 +65,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 def remove_leftovers(path: str | os.PathLike) -> list[str]:
     """Remove the temporaries ``atomic_path`` left beside ``path`` when a process was killed while
-    writing it; returns their names. Only for targets one process at a time writes."""
+    writing it; returns their names. Call it holding the target's lock (``cellseg.locks.hold``): another
+    process's working copy looks the same."""
     final = Path(path)
     removed = []
     for pattern in (f".{final.name}.*.tmp", f".{final.name}.old-*"):

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +24,7 @@ from cellseg.data import ingest as ingest_module
 from cellseg.data.ingest import ingest
 from cellseg.data.store import open_store
 from cellseg.errors import BadInputError
+from cellseg.locks import hold
 
 H, W = 24, 32
 
@@ -409,6 +414,59 @@ def test_leftover_of_a_killed_run_is_removed_and_never_looks_complete(tmp_path):
     report = ingest(root, "s.zarr", layout="trainer")
     assert report.removed_leftovers == [leftover.name] and not leftover.exists()
     assert len(open_store("s.zarr")) == 3
+
+
+# --- two ingests into one store at once ----------------------------------------------------------
+
+PAUSED_INGEST = """
+import pathlib, sys, time
+from cellseg.data import ingest as m
+real, calls = m.decode_stack, []
+def paused(*args):
+    calls.append(1)
+    if len(calls) == 2:  # half-way: the lock is held and the working copy exists
+        pathlib.Path("paused").touch()
+        while not pathlib.Path("go").exists():
+            time.sleep(0.02)
+    return real(*args)
+m.decode_stack = paused
+from cellseg.cli.main import app
+app(sys.argv[1:], prog_name="cellseg")
+"""
+
+
+def _wait_until(condition, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_second_ingest_into_a_store_being_written_is_one_line_and_the_first_completes(tmp_path):
+    first_root, second_root = make_root(tmp_path / "a", n=4), make_root(tmp_path / "b", n=3)
+    first = subprocess.Popen([sys.executable, "-c", PAUSED_INGEST, "data", "ingest", str(first_root),
+                              "--out", "s.zarr", "--layout", "trainer"], stdout=subprocess.PIPE, text=True)
+    _wait_until(Path("paused").exists)
+    second = cli("data", "ingest", second_root, "--out", "s.zarr", "--layout", "trainer")
+    _assert_clean_failure(second, f"s.zarr: another cellseg process (pid {first.pid} on host",
+                          "is writing it; wait for it or pass --wait")
+    assert len(list(Path().glob(".s.zarr.*.tmp"))) == 1  # the first's working copy was left alone
+    Path("go").touch()
+    assert first.wait(timeout=120) == 0 and "ingested 4 stacks" in first.stdout.read()
+    store = open_store("s.zarr")
+    assert store.ids == ["s0", "s1", "s2", "s3"] and store.verify(deep=True) == []
+
+
+def test_ingest_wait_waits_for_the_writer_then_writes(tmp_path):
+    root = make_root(tmp_path / "in")
+    with hold("s.zarr", "writing it"), open("err.txt", "w") as err:
+        waiting = subprocess.Popen([sys.executable, "-m", "cellseg.cli.main", "data", "ingest", str(root),
+                                    "--out", "s.zarr", "--layout", "trainer", "--wait"], stderr=err)
+        _wait_until(lambda: "waiting for it" in Path("err.txt").read_text())
+        assert waiting.poll() is None and not Path("s.zarr").exists()
+    assert waiting.wait(timeout=120) == 0
+    assert f"pid {os.getpid()}" in Path("err.txt").read_text()
+    assert open_store("s.zarr").ids == ["s0", "s1", "s2"]
 
 
 # --- the CLI summary --------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""CLI: the ``data`` group — synthesise datasets, ingest them to Zarr, cut subimages."""
+"""CLI: the ``data`` group — synthesise datasets, ingest them to Zarr, verify stores, cut subimages."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-data_app = typer.Typer(help="Datasets: synthesise, ingest to Zarr, cut subimages", no_args_is_help=True)
+data_app = typer.Typer(help="Datasets: synthesise, ingest to Zarr, verify, cut subimages", no_args_is_help=True)
 
 
 @data_app.command("synth")
@@ -30,19 +30,51 @@ def synth(
 
 @data_app.command("ingest")
 def ingest_cmd(
-    root: Annotated[Path, typer.Argument(help="Input folder with FullImage/ (TIFF stacks, sub-folders allowed), Mask_Norm/ (PNG masks), codes.txt.")],
+    root: Annotated[Path, typer.Argument(help="Input folder with FullImage/ (TIFF stacks, sub-folders allowed), Mask_Norm/ (PNG or TIFF masks), codes.txt.")],
     out: Annotated[Path, typer.Option("--out", help="Zarr store to write (replaced atomically).")],
     layout: Annotated[
         str | None, typer.Option(help="Layout name or layout YAML; without it channels are named by index.")
     ] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Ingest the good stacks and list the bad ones.")] = False,
+    wait: Annotated[
+        bool,
+        typer.Option("--wait", help="When another cellseg process is writing the store, wait for it instead of stopping."),
+    ] = False,
 ) -> None:
-    """Ingest a SPEC 2.1 folder into a Zarr store (idempotent; never leaves a half-written store)."""
+    """Ingest a SPEC 2.1 folder into a Zarr store (idempotent; never leaves a half-written store).
+
+    Masks: PNG or TIFF, 8 or 16 bits; gray or palette values are class indices (0/255 and 0/65535
+    mean 0/1 for two classes), RGB(A) must be gray or one colour on black.
+    """
     from cellseg.data.ingest import ingest
 
-    report = ingest(root, out, layout=layout, skip_bad=skip_bad)
+    report = ingest(root, out, layout=layout, skip_bad=skip_bad, wait=wait)
     for line in report.lines():
         typer.echo(line)
+
+
+@data_app.command("verify")
+def verify_cmd(
+    store: Annotated[Path, typer.Argument(help="An ingested Zarr store.")],
+    deep: Annotated[
+        bool, typer.Option("--deep", help="Also recompute every stack's content hash (reads all the data).")
+    ] = False,
+) -> None:
+    """Check a store: every stack's arrays and chunk file sizes, with --deep its content hash.
+
+    Prints one line per damaged stack and exits 1; `cellseg data ingest` again repairs the store.
+    """
+    from cellseg.data.store import open_store
+    from cellseg.errors import BadInputError
+
+    opened = open_store(store)
+    damaged = opened.verify(deep=deep)
+    for sid, reason in damaged:
+        typer.echo(f"damaged stack {sid}: {reason}")
+    if damaged:
+        raise BadInputError(f"{store}: {len(damaged)} of {len(opened)} stacks damaged (listed above); "
+                            "run `cellseg data ingest` again to repair it")
+    typer.echo(f"ok: {len(opened)} stacks ({'content hashes' if deep else 'arrays and chunk sizes'} checked)")
 
 
 @data_app.command("info")

@@ -34,10 +34,12 @@ from cellseg.data.readers import (
 from cellseg.data.store import StackRecord, open_store, write_store
 from cellseg.errors import BadInputError
 from cellseg.fileio import remove_leftovers
+from cellseg.locks import hold
 
-INGEST_VERSION = 1  # part of the source fingerprint: bump when decoding rules change
+INGEST_VERSION = 2  # part of the source fingerprint: bump when decoding rules change
 STACK_DIR, MASK_DIR, CODES_FILE = "FullImage", "Mask_Norm", "codes.txt"
 _STACK_SUFFIXES = (".ome.tiff", ".ome.tif", ".tiff", ".tif")
+_MASK_SUFFIXES = (".png", ".tiff", ".tif")
 
 
 @dataclass
@@ -51,6 +53,7 @@ class IngestReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file relative to ROOT, reason)
     unmatched_masks: list[str] = field(default_factory=list)
     removed_leftovers: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)  # damage found in a store built from the same sources
     reused: bool = False  # the existing complete store was built from exactly these sources
     seconds: float = 0.0
 
@@ -65,6 +68,7 @@ class IngestReport:
         out += [f"skipped {name}: {reason}" for name, reason in self.skipped]
         out += [f"ignored mask without a stack: {name}" for name in self.unmatched_masks]
         out += [f"removed leftover of an interrupted ingest: {name}" for name in self.removed_leftovers]
+        out += [f"rewrote the damaged store: {damage}" for damage in self.repaired]
         return out
 
 
@@ -81,11 +85,14 @@ def ingest(
     layout: str | Path | None = None,
     skip_bad: bool = False,
     progress: bool | None = None,
+    wait: bool = False,
 ) -> IngestReport:
     """Ingest ROOT (FullImage/, Mask_Norm/, codes.txt) into the Zarr store ``out``.
 
     ``layout``: a layout name or YAML path; None accepts any channel count (channels named by
     index) as long as the stacks agree. ``progress``: show a progress bar (default: on a TTY).
+    The store's lock is held from the first look at ``out`` to the end; another ingest into it
+    stops with one line, or with ``wait`` waits for it.
     """
     start = time.perf_counter()
     root, out = Path(root), Path(out)
@@ -95,24 +102,27 @@ def ingest(
     cands, unmatched, duplicates = _discover(root)
     classes = read_codes(root / CODES_FILE)
     _check_target(out)
-    removed = remove_leftovers(out)  # of a killed ingest (one ingest per target at a time)
+    with hold(out, "writing it", wait=wait):
+        removed = remove_leftovers(out)  # of a killed ingest: no other ingest is writing now
 
-    run = _Run(root, skip_bad)
-    for name, reason in duplicates:
-        run.bad(BadFileError(name, reason))
-    good, final_layout = run.headers(cands, chosen)
-    fingerprint = _fingerprint(root, cands, chosen, classes)
+        run = _Run(root, skip_bad)
+        for name, reason in duplicates:
+            run.bad(BadFileError(name, reason))
+        good, final_layout = run.headers(cands, chosen)
+        fingerprint = _fingerprint(root, cands, chosen, classes)
 
-    reused = _reusable(out, fingerprint, skip_bad)
-    if not reused:
-        attrs = {"source_root": str(root.resolve()), "source_fingerprint": fingerprint,
-                 "skipped": run.skipped}  # the data pass appends to run.skipped before attrs are written
-        records = run.records(good, len(classes))
-        show = sys.stderr.isatty() if progress is None else progress
-        records = track(records, description="ingest", total=len(good), console=Console(stderr=True),
-                        transient=True, disable=not show)
-        write_store(out, records, final_layout, classes, attrs=attrs)
-    store = open_store(out)
+        same = _same_sources(out, fingerprint, skip_bad)
+        repaired = _damage(out) if same else []
+        reused = same and not repaired
+        if not reused:
+            attrs = {"source_root": str(root.resolve()), "source_fingerprint": fingerprint,
+                     "skipped": run.skipped}  # the data pass appends to run.skipped before attrs are written
+            records = run.records(good, len(classes))
+            show = sys.stderr.isatty() if progress is None else progress
+            records = track(records, description="ingest", total=len(good), console=Console(stderr=True),
+                            transient=True, disable=not show)
+            write_store(out, records, final_layout, classes, attrs=attrs)
+        store = open_store(out)
     return IngestReport(
         out=out,
         stacks=len(store),
@@ -123,20 +133,13 @@ def ingest(
         skipped=sorted(tuple(s) for s in (store.attrs.get("skipped", []) if reused else run.skipped)),
         unmatched_masks=unmatched,
         removed_leftovers=removed,
+        repaired=repaired,
         reused=reused,
         seconds=time.perf_counter() - start,
     )
 
 
 # --- finding the inputs -----------------------------------------------------------------------
-
-
-def _stack_id(rel: Path) -> str | None:
-    name = rel.name
-    for suffix in _STACK_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return rel.with_name(name[: -len(suffix)]).as_posix()
-    return None
 
 
 def _visible_files(folder: Path) -> list[Path]:
@@ -148,6 +151,22 @@ def _visible_files(folder: Path) -> list[Path]:
     )
 
 
+def _files_by_id(folder: Path, suffixes: tuple[str, ...], duplicates: list[tuple[str, str]]) -> dict[str, str]:
+    """{id: path relative to ROOT} of the files below ``folder`` ending in one of ``suffixes``; the id is
+    the path below ``folder`` without that suffix. A second file with the same id goes to ``duplicates``."""
+    found: dict[str, str] = {}
+    for rel in _visible_files(folder):
+        suffix = next((s for s in suffixes if rel.name.lower().endswith(s)), None)
+        if suffix is None:
+            continue
+        fid, source = rel.with_name(rel.name[: -len(suffix)]).as_posix(), f"{folder.name}/{rel.as_posix()}"
+        if fid in found:
+            duplicates.append((source, f"same stack id '{fid}' as {found[fid]}"))
+        else:
+            found[fid] = source
+    return found
+
+
 def _discover(root: Path) -> tuple[list[_Candidate], list[str], list[tuple[str, str]]]:
     """Stacks paired with masks by relative path and stem; masks without a stack; duplicate ids."""
     stacks_dir, masks_dir = root / STACK_DIR, root / MASK_DIR
@@ -155,26 +174,13 @@ def _discover(root: Path) -> tuple[list[_Candidate], list[str], list[tuple[str, 
         raise BadInputError(f"{root}: no {STACK_DIR}/ folder (expected {STACK_DIR}/**/NAME.ome.tif)")
     if not masks_dir.is_dir():
         raise BadInputError(f"{root}: no {MASK_DIR}/ folder (expected {MASK_DIR}/**/NAME.png)")
-    masks = {
-        rel.with_suffix("").as_posix(): f"{MASK_DIR}/{rel.as_posix()}"
-        for rel in _visible_files(masks_dir)
-        if rel.suffix.lower() == ".png"
-    }
-    found: dict[str, _Candidate] = {}
-    duplicates = []
-    for rel in _visible_files(stacks_dir):
-        sid = _stack_id(rel)
-        if sid is None:
-            continue
-        source = f"{STACK_DIR}/{rel.as_posix()}"
-        if sid in found:
-            duplicates.append((source, f"same stack id '{sid}' as {found[sid].stack}"))
-        else:
-            found[sid] = _Candidate(sid, source, masks.get(sid))
-    if not found:
+    duplicates: list[tuple[str, str]] = []
+    masks = _files_by_id(masks_dir, _MASK_SUFFIXES, duplicates)
+    stacks = _files_by_id(stacks_dir, _STACK_SUFFIXES, duplicates)
+    if not stacks:
         raise BadInputError(f"{stacks_dir}: no .tif/.ome.tif stacks found")
-    unmatched = sorted(m for k, m in masks.items() if k not in found)
-    return sorted(found.values(), key=lambda c: c.id), unmatched, duplicates
+    unmatched = sorted(m for k, m in masks.items() if k not in stacks)
+    return [_Candidate(sid, source, masks.get(sid)) for sid, source in sorted(stacks.items())], unmatched, duplicates
 
 
 # --- the two passes ---------------------------------------------------------------------------
@@ -291,9 +297,17 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _reusable(out: Path, fingerprint: str, skip_bad: bool) -> bool:
+def _same_sources(out: Path, fingerprint: str, skip_bad: bool) -> bool:
     """The store at ``out`` is complete and was built from these exact sources with compatible options."""
     attrs = _store_attrs(out)
     if not attrs or attrs.get("complete") is not True or attrs.get("source_fingerprint") != fingerprint:
         return False
     return skip_bad or not attrs.get("skipped")
+
+
+def _damage(out: Path) -> list[str]:
+    """What the cheap verification finds wrong with the store (a damaged store is rewritten, not reused)."""
+    try:
+        return [f"stack {sid}: {reason}" for sid, reason in open_store(out).verify()]
+    except BadInputError as exc:
+        return [str(exc)]

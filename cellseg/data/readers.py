@@ -1,4 +1,4 @@
-"""Reading the files users bring (SPEC 2.1): stack TIFFs in every arrangement, PNG masks, codes.txt.
+"""Reading the files users bring (SPEC 2.1): stack TIFFs in every arrangement, PNG or TIFF masks, codes.txt.
 
 Each reader raises ``BadFileError`` (a ``BadInputError``): the file and a one-line reason; the
 ingest decides whether that stops the run or skips the stack. Third-party decoders raise many
@@ -196,9 +196,16 @@ def decode_stack(path: Path, data: bytes, header: StackHeader) -> np.ndarray:
 # --- masks ----------------------------------------------------------------------------------------
 
 
+def _is_tiff(path: Path) -> bool:
+    return path.suffix.lower() in (".tif", ".tiff")
+
+
 def read_mask_size(path: Path) -> tuple[int, int]:
     """(H, W) from the image header."""
     try:
+        if _is_tiff(path):
+            with tifffile.TiffFile(path) as tif:
+                return tif.pages[0].imagelength, tif.pages[0].imagewidth
         with Image.open(path) as im:
             return im.height, im.width
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file
@@ -206,24 +213,87 @@ def read_mask_size(path: Path) -> tuple[int, int]:
 
 
 def decode_mask(path: Path, data: bytes, n_classes: int) -> np.ndarray:
-    """Class indices (uint8 H×W) from a mask whose values are indices, or 0/255 for two classes."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            arr = np.asarray(im)
-    except Exception as exc:  # noqa: BLE001 - truncated/corrupt image
-        raise BadFileError(path, f"truncated or corrupt mask ({_reason(exc)})") from None
-    if arr.ndim == 3:
-        colour = arr[..., :3] if arr.shape[2] >= 3 else arr[..., :1]
-        if not (colour == colour[..., :1]).all():
-            raise BadFileError(path, "colour mask (channels differ); expected one class index per pixel")
-        arr = colour[..., 0]
+    """Class indices (uint8 H×W) from a PNG or TIFF mask with integer pixels (8 or 16 bits).
+
+    Gray: the values. Palette: the indices (the palette only colours them for display, as in
+    VOC-style label images). RGB: the gray value when the colour channels are equal; one colour on
+    black is a two-class mask (black 0, the colour 1); more colours are refused. An alpha channel
+    only makes fully transparent pixels background. The values are codes.txt line numbers, except
+    that a two-class mask may use 0 and 255 or the type's maximum (65535) for 0 and 1.
+    Anything else is refused with one line: a mask is never silently read as empty.
+    """
+    pixels = _tiff_pixels(path, data) if _is_tiff(path) else _png_pixels(path, data)
+    if pixels.dtype == bool:
+        pixels = pixels.astype(np.uint8)
+    if not np.issubdtype(pixels.dtype, np.integer):
+        raise BadFileError(path, f"mask pixels are {pixels.dtype}; expected integer class indices")
+    arr = _gray(path, pixels) if pixels.ndim == 3 else pixels
     values = np.unique(arr)
     if values.size and values.min() >= 0 and values.max() < n_classes:
         return arr.astype(np.uint8)
-    full = np.iinfo(arr.dtype).max if np.issubdtype(arr.dtype, np.integer) else None
-    if n_classes == 2 and full is not None and set(values.tolist()) <= {0, 255, full}:
+    if n_classes == 2 and set(values.tolist()) <= {0, 255, np.iinfo(arr.dtype).max}:
         return (arr > 0).astype(np.uint8)
     extra = [v for v in values.tolist() if not 0 <= v < n_classes]
     shown = ", ".join(str(v) for v in extra[:5]) + (", …" if len(extra) > 5 else "")
     raise BadFileError(path, f"mask values {shown} not covered by codes.txt ({n_classes} classes: 0..{n_classes - 1})")
+
+
+def _corrupt(path: Path, exc: Exception) -> BadFileError:
+    return BadFileError(path, f"truncated or corrupt mask ({_reason(exc)})")
+
+
+def _tiff_pixels(path: Path, data: bytes) -> np.ndarray:
+    """(H, W) or (H, W, samples), as stored (a palette TIFF gives its indices)."""
+    try:
+        with _tifffile_errors() as errors, tifffile.TiffFile(io.BytesIO(data), name=path.name) as tif:
+            series = tif.series[0]
+            arr = series.asarray()
+        if errors:
+            raise ValueError(errors[0].strip().splitlines()[0])
+    except Exception as exc:  # noqa: BLE001 - truncated/corrupt image
+        raise _corrupt(path, exc) from None
+    if series.axes == "SYX":  # planar RGB
+        return np.moveaxis(arr, 0, -1)
+    if series.axes not in ("YX", "YXS"):
+        raise BadFileError(path, f"mask has shape {series.shape} (axes {series.axes}); expected one image")
+    return arr
+
+
+def _png_pixels(path: Path, data: bytes) -> np.ndarray:
+    """(H, W) or (H, W, channels), as stored (a palette image gives its indices).
+
+    Pillow keeps only the high byte of each sample of a 16-bit RGB(A) PNG, which turned 0/1 and
+    0/255 masks into all background; such files are decoded a second time with the little-endian
+    raw mode, which on PNG's big-endian samples yields the low bytes.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            codec, extents, offset, rawmode = im.tile[0] if im.format == "PNG" else (None,) * 4
+            arr = np.asarray(im)
+        if rawmode in ("RGB;16B", "RGBA;16B"):
+            with Image.open(io.BytesIO(data)) as im:
+                im.tile = [(codec, extents, offset, rawmode.replace(";16B", ";16L"))]
+                arr = arr.astype(np.uint16) << 8 | np.asarray(im)
+    except Exception as exc:  # noqa: BLE001 - truncated/corrupt image
+        raise _corrupt(path, exc) from None
+    if rawmode == "LA;16B":
+        raise BadFileError(path, "16-bit gray+alpha PNG (its low bytes cannot be read); save it without alpha")
+    return arr
+
+
+def _gray(path: Path, pixels: np.ndarray) -> np.ndarray:
+    """One value per pixel from gray+alpha, RGB or RGBA pixels (see ``decode_mask``)."""
+    channels = pixels.shape[2]
+    if channels not in (2, 3, 4):
+        raise BadFileError(path, f"{channels} samples per pixel; expected gray, RGB or RGBA")
+    colour = pixels[..., : 3 if channels >= 3 else 1]
+    if channels in (2, 4):
+        colour = np.where(pixels[..., -1:] == 0, 0, colour)  # fully transparent: background
+    if (colour == colour[..., :1]).all():
+        return colour[..., 0]
+    fg = colour.any(axis=-1)
+    if (colour[fg] == colour[fg][0]).all():
+        return fg.astype(np.uint8)
+    n = len(np.unique(colour[fg], axis=0))
+    raise BadFileError(path, f"colour mask with {n} colours besides black; expected gray or palette class "
+                             "indices, or one colour on black")

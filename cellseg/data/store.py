@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,15 +218,68 @@ class Store:
         arr = self._array(int(i), "mask")
         return self._read_plain_chunk(int(i), "mask", arr, (0, 0)) if _plain_chunks(arr) else arr[...]
 
+    def _chunk_file(self, i: int, name: str, arr: zarr.Array, coords: tuple[int, ...]) -> tuple[Path, str]:
+        key = arr.metadata.encode_chunk_key(coords)
+        return self.path / "stacks" / self._keys[i] / name / key, f"{name} chunk {key}"
+
     def _read_plain_chunk(self, i: int, name: str, arr: zarr.Array, coords: tuple[int, ...]) -> np.ndarray:
         """One chunk read straight from its file (see ``_plain_chunks``); zarr-python's per-chunk
         machinery costs more than the read itself and made streaming slower than reading TIFFs."""
-        path = self.path / "stacks" / self._keys[i] / name / arr.metadata.encode_chunk_key(coords)
+        path, what = self._chunk_file(i, name, arr, coords)
         shape = arr.chunks[-2:]  # one plane
         try:
-            return np.fromfile(path, dtype=arr.dtype.newbyteorder("<")).reshape(shape).astype(arr.dtype, copy=False)
+            data = np.fromfile(path, dtype=arr.dtype.newbyteorder("<"))
         except FileNotFoundError:  # zarr writes no chunk that is all fill value
             return np.full(shape, arr.metadata.fill_value, dtype=arr.dtype)
+        if data.size != math.prod(shape):
+            raise BadInputError(f"{self.path}: stack {self.ids[i]} is damaged ({what} has {data.nbytes} bytes, "
+                                f"expected {math.prod(shape) * arr.dtype.itemsize}); re-run `cellseg data ingest`")
+        return data.reshape(shape).astype(arr.dtype, copy=False)
+
+    def verify(self, deep: bool = False) -> list[tuple[str, str]]:
+        """(id, what is wrong) for every damaged stack; BadInputError if the manifest itself is damaged.
+
+        Cheap: both arrays open with the manifest's shape and every chunk file has the size its shape
+        and dtype imply, or is absent where the stack is all zero (channel maximum 0, negative mask);
+        arrays written by other tools are decoded instead. ``deep`` also recomputes each stack's
+        content hash against the manifest, which catches damage that keeps the sizes.
+        """
+        if dataset_hash(self.layout, self.classes, self.manifest) != self.content_hash:
+            raise BadInputError(f"{self.path}: {MANIFEST_NAME} does not match the store's content hash "
+                                "(edited or damaged); re-run `cellseg data ingest`")
+        found = []
+        for i, sid in enumerate(self.ids):
+            try:
+                reason = self._damage(i, deep)
+            except Exception as exc:  # noqa: BLE001 - zarr raises many types on damaged metadata or chunks
+                first = str(exc).strip().partition("\n")[0]
+                reason = f"unreadable ({type(exc).__name__}: {first})"
+            if reason:
+                found.append((sid, reason))
+        return found
+
+    def _damage(self, i: int, deep: bool) -> str | None:
+        image, mask = self._array(i, "image"), self._array(i, "mask")
+        c, h, w = self.shape(i)
+        if image.shape != (c, h, w) or mask.shape != (h, w):
+            return f"arrays of shape {image.shape} and {mask.shape}, the manifest says {(c, h, w)}"
+        if _plain_chunks(image) and _plain_chunks(mask):
+            chunks = [(image, "image", (k, 0, 0), self.channel_max[i, k] > 0) for k in range(c)]
+            chunks.append((mask, "mask", (0, 0), not self.manifest["negative"].iat[i]))
+            for arr, name, coords, written in chunks:
+                path, what = self._chunk_file(i, name, arr, coords)
+                want = math.prod(arr.chunks[-2:]) * arr.dtype.itemsize
+                size = path.stat().st_size if path.is_file() else None
+                if size is None and written:
+                    return f"{what} is missing"
+                if size is not None and size != want:
+                    return f"{what} has {size} bytes, expected {want}"
+        else:  # arrays written by other tools: decoding every chunk is the check (raises if damaged)
+            self.read_image(i)
+            self.read_mask(i)
+        if deep and stack_hash(self.read_image(i), self.read_mask(i)) != self.manifest["content_hash"].iat[i]:
+            return "content differs from its hash in the manifest"
+        return None
 
 
 def _plain_chunks(arr: zarr.Array) -> bool:
