@@ -24,6 +24,7 @@ from cellseg.data.layouts import load_layout
 from cellseg.data.store import open_store
 from cellseg.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from cellseg.engine.loop import fit
+from cellseg.errors import BadInputError
 from cellseg.model import build_model
 
 FAULTS = Path(__file__).with_name("faults.py")
@@ -69,6 +70,11 @@ def wait_for_line(process: subprocess.Popen, lines: queue.Queue, prefix: str, ti
     raise AssertionError(f"no {prefix!r} within {timeout} s: {''.join(seen)}")
 
 
+def drain(lines: queue.Queue[str]) -> str:
+    """The rest of a process's lines, up to its end."""
+    return "".join(iter(lambda: lines.get(timeout=30), ""))
+
+
 def same_history(got: list[dict], expected: list[dict]) -> None:
     assert [h.keys() for h in got] == [h.keys() for h in expected]
     for a, b in zip(got, expected):
@@ -82,12 +88,18 @@ def one_line_error(output: str, *needles: str) -> None:
         assert needle in errors[0], errors[0]
 
 
-@pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_continues_the_same_run(trainer_store, mlflow_db):
-    process = subprocess.Popen([str(CELLSEG), *train_args(trainer_store, "runs/a", epochs=2)],
+def start_training(store: Path, run_dir: str, epochs: int) -> tuple[subprocess.Popen, queue.Queue[str]]:
+    """`cellseg train` in a process of its own, and a queue of its stderr lines ("" at the end)."""
+    process = subprocess.Popen([str(CELLSEG), *train_args(store, run_dir, epochs=epochs)],
                                stderr=subprocess.PIPE, text=True, env=ENV)
     lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True).start()
+    threading.Thread(target=lambda: [*map(lines.put, process.stderr), lines.put("")], daemon=True).start()
+    return process, lines
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_continues_the_same_run(trainer_store, mlflow_db):
+    process, lines = start_training(trainer_store, "runs/a", epochs=2)
     wait_for_line(process, lines, "epoch 1/3")  # epoch 1 is checkpointed and logged …
     process.send_signal(signal.SIGKILL)  # … kill the process while it trains epoch 2
     assert process.wait(timeout=60) == -signal.SIGKILL
@@ -104,6 +116,43 @@ def test_sigkill_mid_epoch_then_resume_continues_the_same_run(trainer_store, mlf
 
     uninterrupted = fit(load_config(["runs/a/config.yaml"]), "runs/whole")
     same_history(load_checkpoint("runs/a")["history"], uninterrupted.history)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_ends_the_run_as_killed_and_resume_continues_it(trainer_store, mlflow_db):
+    """What schedulers, `timeout` and `docker stop` send: handled as Ctrl-C is."""
+    process, lines = start_training(trainer_store, "runs/t", epochs=2)
+    wait_for_line(process, lines, "epoch 1/3")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    output = drain(lines)
+    assert output.rstrip().splitlines()[-1] == "terminated (SIGTERM)" and "Traceback" not in output, output
+    assert load_checkpoint("runs/t")["epoch"] >= 1
+    run, steps = mlflow_run()
+    assert run.info.status == "KILLED" and steps[0] == 1
+
+    resumed = runner.invoke(app, ["train", "--run-dir", "runs/t", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    run, steps = mlflow_run()
+    assert run.info.status == "FINISHED" and steps == [1, 2, 3]  # the same run, every epoch once
+
+
+@pytest.mark.slow
+def test_a_second_training_into_a_busy_run_folder_is_refused_or_waits(trainer_store, mlflow_db):
+    process, lines = start_training(trainer_store, "runs/a", epochs=10)
+    wait_for_line(process, lines, "epoch 1/11")
+    second = runner.invoke(app, train_args(trainer_store, "runs/a", epochs=1))
+    assert second.exit_code == 1
+    one_line_error(second.output, f"runs/a: another cellseg process (pid {process.pid} on host", "is training in it")
+    with pytest.raises(BadInputError, match=f"pid {process.pid}"):  # the engine's fit, as tune and compare call it
+        fit(load_config(["runs/a/config.yaml"]), "runs/a", resume=True)
+
+    extended = runner.invoke(app, ["train", "--run-dir", "runs/a", "--resume", "--epochs", "11", "--wait"])
+    assert extended.exit_code == 0, extended.output
+    assert process.wait(timeout=60) == 0  # the first ran to its end …
+    assert "waiting for it" in extended.output and "epoch 12/12" in extended.output  # … then the second went on
+    run, steps = mlflow_run()
+    assert run.info.status == "FINISHED" and steps == list(range(1, 13))  # one run, every epoch once
 
 
 @pytest.mark.slow
@@ -139,7 +188,7 @@ def test_sigkill_mid_ingest_keeps_the_old_store_and_a_rerun_completes(synth_trai
     assert rerun.exit_code == 0, rerun.output
     assert "removed leftover of an interrupted ingest" in rerun.output
     assert open_store("store.zarr").content_hash == open_store(trainer_store).content_hash
-    assert sorted(p.name for p in Path().iterdir() if "store" in p.name) == ["store.zarr"]
+    assert sorted(p.name for p in Path().iterdir() if "store" in p.name and p.suffix != ".lock") == ["store.zarr"]
 
 
 @pytest.fixture(scope="module")

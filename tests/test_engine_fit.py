@@ -94,10 +94,10 @@ def test_fit_logs_run_metrics_and_registers_a_model(trainer_store, mlflow_db, tm
 
     class Capture:
         def on_fit_start(self, session):
-            seen.update(session.model.state_dict())
+            seen.update({k: v.clone() for k, v in session.model.state_dict().items()})  # before its epoch
 
-    no_epochs = tiny_config(trainer_store, **{"train.epochs_frozen": 0, "train.epochs": 0})
-    fit(no_epochs, tmp_path / "from-registry", init_from="models:/cellseg-fluorescence@champion", callbacks=[Capture()])
+    one_epoch = tiny_config(trainer_store, **{"train.epochs_frozen": 0, "train.epochs": 1})
+    fit(one_epoch, tmp_path / "from-registry", init_from="models:/cellseg-fluorescence@champion", callbacks=[Capture()])
     assert all(torch.equal(seen[k], v) for k, v in result.model.state_dict().items())
 
 

@@ -147,7 +147,7 @@ def test_models_list_empty_store(mlflow_db):
 # --- cellseg ui ------------------------------------------------------------------------------------
 
 
-def test_ui_runs_mlflow_on_the_default_store(monkeypatch):
+def test_ui_runs_mlflow_on_the_default_store(monkeypatch, mlflow_db):
     calls = []
     monkeypatch.setattr(models_cli.subprocess, "call", lambda argv: calls.append(argv) or 0)
     monkeypatch.setattr(models_cli, "find_mlflow", lambda: "/bin/mlflow")
@@ -156,6 +156,7 @@ def test_ui_runs_mlflow_on_the_default_store(monkeypatch):
     assert calls == [["/bin/mlflow", "ui", "--backend-store-uri", resolve_tracking_uri(), "--host", "127.0.0.1",
                       "--port", "5001"]]
     assert resolve_tracking_uri().endswith("/mlflow.db")
+    shutil.copy("mlflow.db", "other.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///other.db")
     runner.invoke(app, ["ui"])
     assert calls[-1][3] == resolve_tracking_uri() and calls[-1][3].endswith("/other.db")

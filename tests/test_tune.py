@@ -164,6 +164,7 @@ def test_bad_options_are_one_line_and_start_nothing(trainer_store):
         assert result.exit_code == 1, result.output
         assert needle in result.output and "Traceback" not in result.output
     assert not Path("mlflow.db").exists() and not Path("runs").exists()
+    assert not Path("optuna.journal").exists()  # a rejected new study leaves no empty journal
 
 
 def test_history_figure_and_table_from_trials(tmp_path):

@@ -6,7 +6,10 @@ turns user errors into one line on stderr with a non-zero exit code.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+from collections.abc import Iterator
 from typing import Annotated
 
 import click
@@ -18,17 +21,44 @@ from cellseg.errors import CellsegError
 _state = {"debug": False}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (sent by schedulers, ``timeout``, ``docker stop``) as an interrupt, so it takes Ctrl-C's
+    path: the last checkpoint kept, the MLflow run ended as KILLED, resumable."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Raise ``Terminated`` on SIGTERM while a command runs (the previous handler restored after)."""
+    def terminate(signum, frame):
+        raise Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class _CellsegGroup(TyperGroup):
-    """Prints a ``CellsegError`` as one line (no traceback unless ``--debug``)."""
+    """Prints a ``CellsegError`` as one line (no traceback unless ``--debug``); SIGINT and SIGTERM
+    end a command with one line and exit codes 130 and 143."""
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with _sigterm_as_interrupt():
+                return super().invoke(ctx)
         except CellsegError as exc:
             if _state["debug"]:
                 raise
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
+        except Terminated:
+            typer.echo("terminated (SIGTERM)", err=True)
+            raise typer.Exit(128 + signal.SIGTERM) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None

@@ -93,13 +93,15 @@ def ui(
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Open the MLflow UI on the same store cellseg logs to (runs, metrics, plots, registered models)."""
-    from cellseg.tracking.runs import resolve_tracking_uri
+    from cellseg.tracking.runs import check_tracking_uri, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     if uri.startswith(("http://", "https://")):
         typer.echo(f"{uri} is a tracking server: its UI is already there, open it in a browser")
         return
-    argv = ui_argv(uri, host, port, find_mlflow())
+    mlflow = find_mlflow()
+    check_tracking_uri(uri)  # `mlflow ui` would retry a store it cannot open for ~100 s
+    argv = ui_argv(uri, host, port, mlflow)
     typer.echo(f"MLflow UI for {uri} at http://{host}:{port} (Ctrl+C to stop)")
     code = subprocess.call(argv)
     if code:

@@ -74,6 +74,7 @@ def tune(
     from cellseg.experiments.tune import tune as run_tune
     from cellseg.tracking.runs import resolve_tracking_uri
 
+    _refuse_tuned(options, tune_dropout)
     config = tracking.apply(options.load())
     study = study or f"tune-{config.data.strategy if config.data.codes is None else 'custom'}"
     uri = resolve_tracking_uri(config.tracking.uri)
@@ -88,6 +89,18 @@ def tune(
     typer.echo(f"wrote {result.out} (train it: cellseg train --config {result.out}) · trials {result.table} · "
                f"figure {result.figure}")
     typer.echo(f"MLflow parent run {result.parent_run_id}; look at it: cellseg ui --tracking-uri {uri}")
+
+
+def _refuse_tuned(options: TrainingOptions, tune_dropout: bool | None) -> None:
+    """A value the study samples for every trial would be silently ignored: refuse it, naming both."""
+    sampled = [("--lr", options.lr, "--lr-range"), ("--ce-weights", options.ce_weights, "--ratio-range")]
+    if tune_dropout:
+        sampled += [("--channel-dropout", options.channel_dropout, "--tune-dropout"),
+                    ("--merge-dropout", options.merge_dropout, "--tune-dropout")]
+    for option, value, tuned in sampled:
+        if value is not None:
+            raise ConfigError(f"{option} {value} and {tuned}: tune samples it for every trial ({option} would be "
+                              "ignored)")
 
 
 @with_options(TrackingOptions, "tracking")
@@ -118,8 +131,10 @@ def compare(
     from cellseg.experiments.compare import compare as run_compare
     from cellseg.tracking.runs import resolve_tracking_uri
 
-    if options.strategy is not None or options.codes is not None:
-        raise ConfigError("compare takes --strategies (a list), not --strategy or --codes")
+    for option, value in (("--strategy", options.strategy), ("--codes", options.codes)):
+        if value is not None:
+            raise ConfigError(f"--strategies {strategies} and {option} {value}: compare takes --strategies (a list) "
+                              "only")
     config = tracking.apply(options.load())
     uri = resolve_tracking_uri(config.tracking.uri)
     typer.echo(f"comparison in {out} · MLflow {uri}", err=True)

@@ -34,6 +34,9 @@ def train(
                                                     help="Registered model name (default cellseg-STRATEGY).")] = None,
     no_register: Annotated[bool, typer.Option("--no-register", rich_help_panel=RUN,
                                               help="Log the model to the run but do not register it.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", rich_help_panel=RUN,
+                                       help="If another process trains in --run-dir, wait for it to end "
+                                            "instead of stopping.")] = False,
 ) -> None:
     """Train a U-Net on a store: frozen then unfrozen one-cycle phases, a checkpoint every epoch,
     metrics and the model logged to MLflow and registered.
@@ -42,12 +45,11 @@ def train(
     `cellseg train --run-dir runs/x --resume --epochs 150` (continue, or extend a finished run) ·
     `torchrun --nproc-per-node 4 $(which cellseg) train …` (data-parallel; --batch-size is per process)
     """
-    from cellseg.engine.distributed import launched, process_group
-    from cellseg.engine.loop import fit
-    from cellseg.engine.progress import ProgressCallback
-    from cellseg.engine.session import resolve_device
-    from cellseg.tracking.runs import MlflowCallback, check_tracking_uri, resolve_tracking_uri
+    from cellseg.engine.distributed import launched
+    from cellseg.tracking.runs import check_tracking_uri, resolve_tracking_uri
 
+    if register_as is not None and no_register:
+        raise ConfigError(f"--register-as {register_as} and --no-register: give one of them")
     base = None
     if resume:
         if run_dir is None:
@@ -59,20 +61,27 @@ def train(
     if register_as is not None:
         config = config.with_overrides({"tracking.register_as": register_as})
     uri = resolve_tracking_uri(config.tracking.uri)
-    if run_dir is None:
-        if launched().size > 1:  # each process would pick its own time stamp
-            raise ConfigError("torchrun: pass --run-dir (the processes must agree on one run folder)")
-        run_dir = default_run_dir(config.data.strategy if config.data.codes is None else None)
-    if not launched().main:  # rank 0 alone logs, prints and writes the run folder
-        with process_group(resolve_device(config.train.device)):
-            fit(config, run_dir, resume=resume, init_from=init_from)
-        return
-    check_tracking_uri(uri)
+    main = launched().main  # rank 0 alone logs, prints and writes the run folder
+    if main:
+        check_tracking_uri(uri)  # before importing the engine (timm, the model): a bad store fails in seconds
+
+    from cellseg.engine.distributed import broadcast, process_group
+    from cellseg.engine.loop import fit
+    from cellseg.engine.progress import ProgressCallback
+    from cellseg.engine.session import resolve_device
+    from cellseg.tracking.runs import MlflowCallback
+
     mlflow_cb = MlflowCallback(uri, config.tracking.experiment, register_as=config.tracking.register_as,
                                register=not no_register)
-    typer.echo(f"run folder {run_dir} · MLflow {uri}", err=True)
     with process_group(resolve_device(config.train.device)):
-        result = fit(config, run_dir, resume=resume, init_from=init_from, callbacks=[mlflow_cb, ProgressCallback()])
+        if run_dir is None:  # rank 0's time stamp names the folder of every process
+            run_dir = broadcast(default_run_dir(config.data.strategy if config.data.codes is None else None))
+        if main:
+            typer.echo(f"run folder {run_dir} · MLflow {uri}", err=True)
+        result = fit(config, run_dir, resume=resume, init_from=init_from, callbacks=[mlflow_cb, ProgressCallback()],
+                     wait=wait)
+    if not main:
+        return
     final = result.final
     if final:
         typer.echo(f"final: accuracy {final['accuracy']:.4f} · cell accuracy {final['cell_accuracy']:.4f} · "

@@ -115,6 +115,15 @@ def all_gather(obj: Any) -> list[Any]:
     return gathered
 
 
+def broadcast(obj: T) -> T:
+    """Rank 0's ``obj`` (picklable) on every rank, e.g. a name only one process may choose."""
+    if world().size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def rank_seed(seed: int, rank: int, epoch: int = 0) -> int:
     """The seed of rank ``rank``'s random stream from ``epoch`` on (rank 0 from the start keeps ``seed``)."""
     if rank == 0 and epoch == 0:

@@ -10,12 +10,13 @@ Callbacks implement any of ``on_fit_start(session)``, ``on_train_batch_end(sessi
 ``on_fit_end(session, result)``, ``on_fit_error(session, exc)``, and ``state_dict()`` /
 ``load_state_dict(state)`` saved in the checkpoint under ``state_key`` (default: the class name).
 
-In a distributed run (distributed.py) every rank runs this loop in step; only rank 0 writes the
-run folder and calls the callbacks.
+In a distributed run (distributed.py) every rank runs this loop in step; only rank 0 locks and
+writes the run folder and calls the callbacks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Sequence
@@ -44,6 +45,7 @@ from cellseg.engine.schedule import (
 from cellseg.engine.session import SPLIT_NAME, TrainingSession, seed_everything
 from cellseg.errors import BadInputError, ConfigError
 from cellseg.fileio import remove_leftovers, write_text
+from cellseg.locks import hold
 
 CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.json"
@@ -94,12 +96,27 @@ def fit(
     init_from: str | Path | None = None,
     callbacks: Sequence[Any] = (),
     split: Split | None = None,
+    wait: bool = False,
 ) -> FitResult:
     """Train per ``config`` in ``run_dir``; ``resume`` continues its checkpoint (see schedule.py for
-    a larger ``train.epochs``); ``init_from`` starts from an earlier model's weights."""
+    a larger ``train.epochs``); ``init_from`` starts from an earlier model's weights.
+
+    Rank 0 locks the run folder for the whole fit: a second process training into it at once (whose
+    checkpoint would keep only one of two MLflow runs) stops with one line naming the first, or with
+    ``wait`` waits for it to end."""
     run_dir = Path(run_dir)
+    if not resume:
+        check_epochs(config)
+    lock = hold(run_dir, "training in it", wait) if distributed.world().main else contextlib.nullcontext()
+    with lock:
+        return _fit(config, run_dir, resume, init_from, callbacks, split)
+
+
+def _fit(config: Config, run_dir: Path, resume: bool, init_from: str | Path | None, callbacks: Sequence[Any],
+         split: Split | None) -> FitResult:
     checkpoint = _checkpoint_to_resume(run_dir, config, resume, init_from)
     session = TrainingSession(config, run_dir, split=split)
+    check_split(session.split, config)
     main = session.world.main
     callbacks = list(callbacks) if main else []
     if checkpoint is not None:
@@ -145,6 +162,24 @@ def fit(
     )
     _call(callbacks, "on_fit_end", session, result)
     return result
+
+
+def check_epochs(config: Config) -> None:
+    """A new run without an epoch would log and register a model of random weights."""
+    if config.train.epochs_frozen + config.train.epochs == 0:
+        raise ConfigError("--epochs-frozen 0 --epochs 0: nothing to train; give at least one epoch")
+
+
+def check_split(split: Split, config: Config) -> None:
+    """Every metric (and so the registered model's only judgement) comes from the validation stacks:
+    a split without any is refused before the first epoch rather than trained into NaN metrics."""
+    store, stacks = config.data.store, len(split.train) + len(split.val)
+    if stacks < 2:
+        raise BadInputError(f"{store}: {stacks} stack(s); training needs at least 2 (one to train on, "
+                            "one to validate on)")
+    if not split.val:
+        raise ConfigError(f"{store}: the split leaves no stack for validation (data.val_fraction "
+                          f"{config.data.val_fraction}); raise it, or give a split with validation stacks")
 
 
 def _checkpoint_to_resume(run_dir: Path, config: Config, resume: bool, init_from) -> dict | None:

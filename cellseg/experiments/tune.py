@@ -46,6 +46,7 @@ from typing import Any
 from cellseg.config import Config
 from cellseg.data.split import make_split
 from cellseg.engine.checkpoint import checkpoint_path
+from cellseg.engine.loop import check_epochs, check_split, fit
 from cellseg.errors import CellsegError, ConfigError, TrackingError
 from cellseg.experiments.inputs import check_inputs
 from cellseg.experiments.progress import RunsProgress
@@ -145,11 +146,16 @@ def tune(
     if heartbeat < 1:
         raise ConfigError(f"--heartbeat {heartbeat}: must be at least 1 second")
     storage = storage or DEFAULT_STORAGE
-    store = check_inputs([config])  # before a study or run exists
-    check_tracking_uri(resolve_tracking_uri(config.tracking.uri))  # an unreachable server: fail now
-    runs_dir = Path(runs_dir or Path("runs") / "tune" / study)
+    # Everything that can be checked before a study, a journal file or a run exists:
+    store = check_inputs([config])
+    check_epochs(config)
+    split = make_split(store, config.data.val_fraction, config.seed)  # one split for every trial
+    check_split(split, config)
     given = {"objective": objective, "lr_range": lr_range, "ratio_range": ratio_range,
              "tune_dropout": tune_dropout, "sampler_seed": sampler_seed}
+    _new_settings(given, config)
+    check_tracking_uri(resolve_tracking_uri(config.tracking.uri))  # an unreachable server: fail now
+    runs_dir = Path(runs_dir or Path("runs") / "tune" / study)
     with _optuna_quiet():
         backend = open_storage(storage, heartbeat)
         settings = _study_settings(backend, study, given, config)
@@ -163,7 +169,6 @@ def tune(
 
     uri, experiment = config.tracking.uri, config.tracking.experiment
     parent_id = shared_run_id(study, KIND, "study", uri, experiment)
-    split = make_split(store, config.data.val_fraction, config.seed)  # one split for every trial
     with tracked_run(study, KIND, uri, experiment, run_id=parent_id) as parent:
         optuna_study.set_user_attr("mlflow_parent_run_id", parent.run_id)
         parent.log_params({"objective": settings.objective, "direction": settings.direction,
@@ -231,9 +236,7 @@ def _study_settings(storage, study: str, given: dict[str, Any], config: Config) 
     """The study's stored settings, or the given ones (defaults for None) stored with a new study."""
     import optuna
 
-    wanted = {k: v for k, v in given.items() if v is not None}
-    wanted.setdefault("sampler_seed", config.seed)
-    new = StudySettings(**wanted)
+    new = _new_settings(given, config)
     handle = optuna.create_study(study_name=study, storage=storage, direction=new.direction, load_if_exists=True)
     stored = handle.user_attrs.get(SETTINGS_ATTR)
     if stored is None:  # a new study (or one created elsewhere without cellseg): record ours
@@ -251,6 +254,11 @@ def _study_settings(storage, study: str, given: dict[str, Any], config: Config) 
                               f"{getattr(settings, key)} (a study keeps its objective, search space and seed; "
                               "use a new --study)")
     return settings
+
+
+def _new_settings(given: dict[str, Any], config: Config) -> StudySettings:
+    """The settings a new study gets: those given, defaults for None, the sampler seed from ``config``."""
+    return StudySettings(**{"sampler_seed": config.seed, **{k: v for k, v in given.items() if v is not None}})
 
 
 def _fixed_part(config: Config) -> dict[str, Any]:
@@ -291,8 +299,6 @@ class _Objective:
         self.runs_dir, self.parent, self.study, self.progress = runs_dir, parent, study, progress
 
     def __call__(self, trial) -> float:
-        from cellseg.engine.loop import fit
-
         overrides = self.settings.suggest(trial, self.config.model.num_classes)
         config = self.config.with_overrides(overrides)
         stored = _stored(trial)

@@ -16,10 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from cellseg.errors import TrackingError
 from cellseg.tracking.runs import _one_line, check_tracking_uri, resolve_tracking_uri
@@ -28,6 +25,10 @@ from cellseg.tracking.runs import _tracking_errors as mlflow_errors
 REQUIRED_METADATA = ("codes", "layout", "classes", "size", "in_channels", "num_classes", "encoder")
 KEY_METRICS = ("accuracy", "background_accuracy", "cell_accuracy", "dice", "iou")
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
+
+if TYPE_CHECKING:  # torch is imported where a model is built: `models list` and store checks need none
+    import torch
+    from torch import nn
 
 
 @dataclass
@@ -51,10 +52,10 @@ class TrainedModel:
 
 def use_tracking_uri(tracking_uri: str | None = None) -> str:
     """Point MLflow's tracking and registry clients at the resolved URI (checked first); returns it."""
-    import mlflow
-
     uri = resolve_tracking_uri(tracking_uri)
     check_tracking_uri(uri)
+    import mlflow
+
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
@@ -68,6 +69,8 @@ def load_trained_model(
 
     A source that does not exist is a one-line TrackingError naming it.
     """
+    import torch
+
     source = str(uri_or_path)
     path = Path(source).expanduser()
     if path.is_dir() and (path / "MLmodel").is_file():

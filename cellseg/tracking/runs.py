@@ -6,8 +6,8 @@ config and the split, per-epoch metrics with ``step=epoch``, and at the end the 
 example prediction overlays and the model in the ``mlflow.pytorch`` flavour, registered under
 ``--register-as`` (default ``cellseg-<strategy>``). The engine writes each checkpoint before it
 calls the callback, and a failure to log an epoch is a warning, so tracking trouble never costs
-training. ``check_tracking_uri`` tries an http(s) server up front, so an unreachable server fails
-in seconds rather than after an hour of training.
+training. ``check_tracking_uri`` tries an http(s) server or opens a SQLite store up front, so an
+unreachable or unopenable store fails in seconds rather than after an hour of training.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import copy
 import logging
 import os
 import re
+import sqlite3
 import time
 import urllib.error
 import urllib.request
@@ -25,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from cellseg.errors import TrackingError
+from cellseg.locks import hold
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ NEW_VERSION_ALIAS = "challenger"  # a freshly trained version is a candidate …
 DEFAULT_ALIAS = "champion"  # … and also the default one while the registered model has none
 MODEL_EPOCH_TAG = "cellseg.model_epoch"
 CHECK_TIMEOUT_S = 5.0
+_opened: set[str] = set()  # SQLite stores this process has opened (and created if new)
 
 
 def resolve_tracking_uri(cli_value: str | None = None) -> str:
@@ -55,8 +57,9 @@ def resolve_tracking_uri(cli_value: str | None = None) -> str:
 
 def check_tracking_uri(uri: str, timeout: float = CHECK_TIMEOUT_S) -> None:
     """TrackingError (one line, in seconds) if ``uri`` cannot work: an http(s) server that does not
-    answer, or a SQLite file whose folder does not exist. Also caps MLflow's HTTP retries so an outage
-    mid-training costs seconds per epoch (values set in the environment win)."""
+    answer, or a SQLite database that cannot be opened (a new one is created here, under a lock: see
+    ``_open_sqlite_store``). Also caps MLflow's HTTP retries so an outage mid-training costs seconds
+    per epoch (values set in the environment win)."""
     if uri.startswith(("http://", "https://")):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
@@ -68,9 +71,34 @@ def check_tracking_uri(uri: str, timeout: float = CHECK_TIMEOUT_S) -> None:
             reason = getattr(exc, "reason", exc)
             raise TrackingError(f"--tracking-uri {uri}: MLflow server not reachable ({reason})") from None
     elif uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).parent
-        if not folder.is_dir():
-            raise TrackingError(f"--tracking-uri {uri}: folder {folder} does not exist")
+        _open_sqlite_store(uri)
+
+
+def _open_sqlite_store(uri: str) -> None:
+    """Open a SQLite store, once per process: a file SQLite cannot open fails here in milliseconds
+    (MLflow retries opening it for ~100 s, with a warning each time). Then MLflow creates or checks its
+    tables under the lock ``<db>.lock``: processes starting together on a new store would otherwise
+    create and migrate it at once ("duplicate column name"). A read-only folder needs no lock (nobody
+    can create a store there) and gets none (a lock file could not be made)."""
+    path = uri[len("sqlite:///"):].partition("?")[0]
+    if uri in _opened or path in ("", ":memory:"):
+        return
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise TrackingError(f"--tracking-uri {uri}: folder {path.parent} does not exist")
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=30)) as db:  # waits out another's commit
+            db.execute("PRAGMA schema_version")  # reads the header: a file that is not a database fails too
+    except sqlite3.Error as exc:
+        raise TrackingError(f"--tracking-uri {uri}: cannot open the SQLite database ({exc})") from None
+    lock = hold(path, "setting up the MLflow store", wait=True) if os.access(path.parent, os.W_OK) else None
+    with lock or contextlib.nullcontext(), _tracking_errors(f"MLflow at {uri}"):
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_experiments(max_results=1)  # the tracking and registry stores each create
+        client.search_registered_models(max_results=1)  # MLflow's tables if missing
+    _opened.add(uri)
 
 
 def experiment_id(client, name: str) -> str:
@@ -256,16 +284,16 @@ class MlflowCallback:
             if session.history:
                 save_figure(learning_curves(session.history), Path(tmp) / "learning_curves.png")
             x, y, ids = _example_batch(session, self.examples)
-            if x is not None:
-                prediction = session.predict(x)
-                images = [overlay(x[i], prediction[i], y[i]) for i in range(len(x))]
-                save_figure(image_grid(images, ids), Path(tmp) / "predictions.png")
+            prediction = session.predict(x)
+            images = [overlay(x[i], prediction[i], y[i]) for i in range(len(x))]
+            save_figure(image_grid(images, ids), Path(tmp) / "predictions.png")
             self.client.log_artifacts(self.run_id, tmp, artifact_path="plots")
         self.client.log_artifact(self.run_id, str(session.run_dir / "metrics.json"))
 
     def _log_and_register(self, session, result) -> None:
         import mlflow
         import mlflow.pytorch
+        import torch
 
         epoch = str(session.history[-1]["epoch"]) if session.history else "0"
         run = self.client.get_run(self.run_id)
@@ -302,21 +330,14 @@ class MlflowCallback:
 
 
 def _example_batch(session, n: int):
-    """Up to ``n`` validation samples (training samples if there is no validation split) and their ids."""
-    for source, shuffled in ((session.val_source, False), (session.train_source, True)):
-        if len(source):
-            x, y = next(iter(source.epoch(0)))
-            names = [f"train {i}" for i in range(n)] if shuffled else [session.store.ids[i] for i in source.indices[:n]]
-            return x[:n], y[:n], names
-    return None, None, []
+    """Up to ``n`` validation samples and their stack ids (fit refuses a split without validation stacks)."""
+    x, y = next(iter(session.val_source.epoch(0)))
+    return x[:n], y[:n], [session.store.ids[i] for i in session.val_source.indices[:n]]
 
 
 def _input_example(session) -> np.ndarray:
     x, _, _ = _example_batch(session, 1)
-    if x is None:
-        size, channels = session.config.data.size, session.plan.in_channels
-        return np.zeros((1, channels, size, size), dtype=np.float32)
-    return x[:1].float().cpu().numpy()
+    return x.float().cpu().numpy()
 
 
 def _signature(metadata: dict[str, Any]):
@@ -333,6 +354,7 @@ def _signature(metadata: dict[str, Any]):
 def _requirements() -> list[str]:
     """Stated, not inferred (MLflow's inference re-imports the model in a subprocess: slow)."""
     import timm
+    import torch
 
     import cellseg
 
