@@ -40,7 +40,7 @@ class TrainingOptions:
 
     data: Annotated[Path | None, _opt("--data", help="Zarr store from `cellseg data ingest`.")] = None
     config: Annotated[Path | None, _opt("--config", help="YAML config merged over the defaults (a profile first).")] = None
-    profile: Annotated[str | None, _opt("--profile", help="Named profile from configs/profiles: quick, paper.")] = None
+    profile: Annotated[str | None, _opt("--profile", help="Named profile from configs/profiles: quick (CPU minutes, synthetic), paper, scratch (real images, random weights, CPU).")] = None
     strategy: Annotated[str | None, _opt("--strategy", help="Named loading-code strategy, e.g. fluorescence.")] = None
     codes: Annotated[str | None, _opt("--codes", help="Loading codes, e.g. 0,3,6 (instead of --strategy).")] = None
     size: Annotated[int | None, _opt("--size", help="Network input side in pixels (>= 32): the resized stack, "
