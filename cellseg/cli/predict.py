@@ -31,6 +31,12 @@ BatchSize = Annotated[int, typer.Option(help="Tiles per forward pass.", min=1, r
 Seed = Annotated[int, typer.Option(help="Seed for random loading codes (one draw per image).",
                                    rich_help_panel="Input")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.", rich_help_panel="Hardware")]
+Instances = Annotated[bool, typer.Option(
+    "--instances", help="Also label each cell (OUT/labels/NAME.tif, 0 = background) and measure it "
+                        "(OUT/cells/NAME.csv). Needs a model with a Cell class.", rich_help_panel="Cells")]
+PixelSize = Annotated[float | None, typer.Option(
+    help="Pixel size in µm, for cell areas in µm² (cellseg reads none from the files).", min=1e-6,
+    rich_help_panel="Cells")]
 
 
 def _load(model: str, device: str, tracking_uri: str | None):
@@ -64,13 +70,17 @@ def predict(
     batch_size: BatchSize = 4,
     seed: Seed = 0,
     diameter: Diameter = None,
+    instances: Instances = False,
+    pixel_size: PixelSize = None,
     device: Device = "auto",
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Segment stacks of any size at the pixel scale and normalisation the model was trained with.
 
     Writes OUT/masks/NAME.png (class index per pixel, same height and width as the input) and
-    OUT/overlays/NAME.png (the input with prediction outlines).
+    OUT/overlays/NAME.png (the input with prediction outlines); with --instances also OUT/labels/NAME.tif
+    (one id per cell) and OUT/cells/NAME.csv (area, centroid, bounding box, eccentricity, mean/max
+    intensity per channel).
     """
     from cellseg.inference.predict import inference_factor, input_plan, iter_stacks, model_layout, predict_stacks
 
@@ -80,12 +90,15 @@ def predict(
     factor = inference_factor(trained, tile, diameter)
     stacks = iter_stacks(images, model_layout(trained), plan)
     count = 0
-    for p in predict_stacks(trained, stacks, out, plan, tile, overlap, batch_size, seed, factor):
+    for p in predict_stacks(trained, stacks, out, plan, tile, overlap, batch_size, seed, factor, instances,
+                            diameter, pixel_size):
         count += 1
-        typer.echo(f"{p.name}: {p.height}x{p.width}, {100 * p.foreground_fraction:.1f}% cell, "
+        cells = "" if p.cells is None else f", {p.cells} cells"
+        typer.echo(f"{p.name}: {p.height}x{p.width}, {100 * p.foreground_fraction:.1f}% cell{cells}, "
                    f"{p.seconds:.2f} s -> {p.mask_path}")
     typer.echo(f"{count} image(s) segmented with {trained.uri}: masks in {out / 'masks'}, "
-               f"previews in {out / 'overlays'}")
+               f"previews in {out / 'overlays'}"
+               + (f", labels in {out / 'labels'}, cell tables in {out / 'cells'}" if instances else ""))
 
 
 def evaluate(
@@ -100,12 +113,19 @@ def evaluate(
     seed: Seed = 0,
     overlays: Annotated[bool, typer.Option(help="Also write OUT/overlays/ID.png with truth and prediction.")] = False,
     diameter: Diameter = None,
+    instances_from: Annotated[Path | None, typer.Option(
+        help="Folder of true label images (ID.tif, .tiff or .png; 0 = background, one id per cell) for the "
+             "instance metrics (default: connected components of the store's masks).")] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment when the model's own run is unknown.")] = "cellseg",
     no_log: Annotated[bool, typer.Option("--no-log", help="Do not log the evaluation to MLflow.")] = False,
     device: Device = "auto",
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """Score a model on a store: per-stack and summary metrics (CSV + JSON in OUT), logged to MLflow."""
+    """Score a model on a store: per-stack and summary metrics (CSV + JSON in OUT), logged to MLflow.
+
+    Models with a Cell class are also scored per cell: cellpose's average precision (ap_50/75/90) and
+    StarDist's pooled precision, recall, F1 and panoptic quality at IoU 0.5, with split and merged cells.
+    """
     from cellseg.inference.evaluate import evaluate as run_evaluation
     from cellseg.inference.evaluate import log_evaluation
     from cellseg.inference.predict import inference_factor, input_plan
@@ -114,15 +134,23 @@ def evaluate(
     trained = _load(model, device, tracking_uri)
     plan = input_plan(trained, codes, strategy)
     factor = inference_factor(trained, tile, diameter)
-    result = run_evaluation(trained, data, out, plan, tile, overlap, batch_size, seed, overlays, factor)
+    result = run_evaluation(trained, data, out, plan, tile, overlap, batch_size, seed, overlays, factor,
+                            instances_from, diameter)
     for row in result.summary.to_dict(orient="records"):
         typer.echo(f"{row['scope']}: {row['stacks']} stacks, accuracy {row['accuracy']:.4f}, "
                    f"background {row['background_accuracy']:.4f}, cell {row['cell_accuracy']:.4f}, "
                    f"dice {row['dice']:.4f}, iou {row['iou']:.4f}")
+        if isinstance(row["instance_truth"], str):  # empty for a model without a Cell class
+            typer.echo(f"  cells (truth: {row['instance_truth']}): {row['true_cells']} true, "
+                       f"{row['predicted_cells']} predicted; AP@0.5/0.75/0.9 {row['ap_50']:.3f}/{row['ap_75']:.3f}/"
+                       f"{row['ap_90']:.3f}; pooled precision {row['precision_50']:.3f}, recall "
+                       f"{row['recall_50']:.3f}, F1 {row['f1_50']:.3f}, PQ {row['panoptic_quality_50']:.3f}; "
+                       f"{row['split_cells']} split, {row['merged_cells']} merged")
     typer.echo(f"tables in {out}")
     if not no_log:
         settings = {"codes": ",".join(str(c) for c in plan.codes), "tile": tile or trained.size,
-                    "overlap": overlap, "seed": seed, "diameter": diameter}
+                    "overlap": overlap, "seed": seed, "diameter": diameter,
+                    "instances_from": str(instances_from) if instances_from else None}
         run_id = log_evaluation(result, trained, settings, tracking_uri, experiment)
         typer.echo(f"logged to MLflow run {run_id}")
 

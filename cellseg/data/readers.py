@@ -238,6 +238,19 @@ def decode_mask(path: Path, data: bytes, n_classes: int) -> np.ndarray:
     raise BadFileError(path, f"mask values {shown} not covered by codes.txt ({n_classes} classes: 0..{n_classes - 1})")
 
 
+def read_label_image(path: Path) -> np.ndarray:
+    """Instance labels (H×W integer ids, 0 = background) from a TIFF or PNG label image."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BadFileError(path, f"cannot read label image ({_reason(exc)})") from None
+    pixels = _tiff_pixels(path, data) if _is_tiff(path) else _png_pixels(path, data)
+    if pixels.ndim != 2 or not np.issubdtype(pixels.dtype, np.integer) or (pixels.size and pixels.min() < 0):
+        raise BadFileError(path, f"label image of {pixels.dtype} {pixels.shape}; expected one plane of "
+                                 "non-negative integer ids")
+    return pixels
+
+
 def _corrupt(path: Path, exc: Exception) -> BadFileError:
     return BadFileError(path, f"truncated or corrupt mask ({_reason(exc)})")
 

@@ -97,6 +97,22 @@ _EVAL_METRICS = {
        for name in ("accuracy", "background_accuracy", "cell_accuracy", "dice", "iou")},
 }
 
+# Instance metrics (inference/instance_metrics.py), empty when the model has no cell class. Truth cells are
+# connected components of the masks or label images (instance_truth says which). ap_*: cellpose's
+# "average precision" TP / (TP + FP + FN) at IoU 0.5 / 0.75 / 0.9 (summary: mean over stacks that have
+# cells in truth or prediction); precision/recall/f1/panoptic_quality_50: StarDist's matching at IoU 0.5
+# (summary: matching_dataset, pooled over stacks); split/merged cells: see instance_metrics.py.
+_COUNT = pa.Column("Int64", pa.Check.ge(0), nullable=True)
+EVAL_INSTANCE_METRICS = ["ap_50", "ap_75", "ap_90", "precision_50", "recall_50", "f1_50", "panoptic_quality_50",
+                         "split_cells", "merged_cells"]
+_EVAL_INSTANCES = {
+    "instance_truth": pa.Column(str, nullable=True),
+    "true_cells": _COUNT,
+    "predicted_cells": _COUNT,
+    **{name: _COUNT if name.endswith("_cells") else pa.Column(float, _FRACTION, nullable=True)
+       for name in EVAL_INSTANCE_METRICS},
+}
+
 EVAL_STACKS_SCHEMA = pa.DataFrameSchema(
     {
         "id": pa.Column(str, pa.Check.str_length(min_value=1), unique=True),
@@ -106,6 +122,7 @@ EVAL_STACKS_SCHEMA = pa.DataFrameSchema(
         "foreground_fraction": pa.Column(float, _FRACTION),
         "predicted_fraction": pa.Column(float, _FRACTION),
         **_EVAL_METRICS,
+        **_EVAL_INSTANCES,
     },
     strict=True,
     ordered=True,
@@ -120,6 +137,7 @@ EVAL_SUMMARY_SCHEMA = pa.DataFrameSchema(
         "stacks": pa.Column(int, pa.Check.gt(0)),
         "pixels": pa.Column(int, pa.Check.gt(0)),
         **_EVAL_METRICS,
+        **_EVAL_INSTANCES,
     },
     strict=True,
     ordered=True,
@@ -201,6 +219,32 @@ SWEEP_CE_SCHEMA = pa.DataFrameSchema(
     name="CE-weight sweep",
 )
 SWEEP_CE_COLUMNS = list(SWEEP_CE_SCHEMA.columns)
+
+
+# --- per-cell measurements (cellseg predict --instances: OUT/cells/NAME.csv) ----------------------
+# One row per label of OUT/labels/NAME.tif: area (µm² empty unless the pixel size is given), centroid,
+# bounding box (y1/x1 exclusive), eccentricity, and the mean/max raw intensity of each channel the model
+# reads, as mean_<channel name> / max_<channel name>.
+
+CELLS_SCHEMA = pa.DataFrameSchema(
+    {
+        "label": pa.Column(int, pa.Check.gt(0), unique=True),
+        "area_px": pa.Column(int, pa.Check.gt(0)),
+        "area_um2": pa.Column(float, pa.Check.gt(0.0), nullable=True),
+        "centroid_y": pa.Column(float, pa.Check.ge(0.0)),
+        "centroid_x": pa.Column(float, pa.Check.ge(0.0)),
+        **{name: pa.Column(int, pa.Check.ge(0)) for name in ("bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1")},
+        "eccentricity": pa.Column(float, pa.Check.in_range(0.0, 1.0)),
+        r"^(mean|max)_.+$": pa.Column(float, pa.Check.ge(0.0), regex=True),
+    },
+    checks=[
+        pa.Check(lambda df: df["bbox_y1"] > df["bbox_y0"], error="bbox_y1 must be greater than bbox_y0"),
+        pa.Check(lambda df: df["bbox_x1"] > df["bbox_x0"], error="bbox_x1 must be greater than bbox_x0"),
+    ],
+    strict=True,
+    coerce=True,
+    name="cells",
+)
 
 
 # --- helpers ----------------------------------------------------------------------------------

@@ -24,13 +24,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cellseg.data.codes import CodePlan, resolve_codes
+from cellseg.data.codes import CodePlan, parse_codes, resolve_codes
 from cellseg.data.geometry import Geometry, diameter_factor, pad_to, resize_planes
 from cellseg.data.intensity import Normalisation
 from cellseg.data.layouts import Layout
 from cellseg.data.readers import decode_stack, read_stack_header
 from cellseg.errors import BadInputError, ConfigError
-from cellseg.fileio import atomic_path
+from cellseg.fileio import atomic_path, write_text
+from cellseg.inference.instances import cell_class, cell_diameter, instances_from_probabilities, write_labels
+from cellseg.inference.measurements import cell_table
 from cellseg.inference.tiling import predict_tiled
 from cellseg.tracking.models import TrainedModel
 from cellseg.visualize import overlay
@@ -57,6 +59,7 @@ class Prediction:
     seconds: float
     mask_path: Path
     overlay_path: Path
+    cells: int | None = None  # with instances: the number of cells labelled
 
 
 def model_layout(trained: TrainedModel) -> Layout:
@@ -71,13 +74,15 @@ def input_plan(
     A plan that does not give the model's number of input channels is a one-line ConfigError.
     """
     if codes is not None and strategy is not None:
-        raise ConfigError("give --codes or --strategy, not both")
-    chosen = codes if codes is not None else strategy if strategy is not None else trained.metadata["codes"]
+        raise ConfigError(f"--codes {codes} and --strategy {strategy}: give one of them")
+    option, given = ("--codes", codes) if codes is not None else ("--strategy", strategy)
+    chosen = given if given is not None else trained.metadata["codes"]
+    if isinstance(codes, str):  # resolve_codes would take text that is not codes for a strategy name
+        chosen = parse_codes(codes)
     plan = resolve_codes(chosen, model_layout(trained), channel_dropout=0.0, merge_dropout=0.0)
     if plan.in_channels != trained.in_channels:
-        option = "--codes" if codes is not None else "--strategy"
         raise ConfigError(
-            f"{option} {chosen}: gives {plan.in_channels} input channels, "
+            f"{option} {given}: gives {plan.in_channels} input channels, "
             f"model {trained.uri} takes {trained.in_channels}"
         )
     return plan
@@ -221,10 +226,18 @@ def predict_stacks(
     batch_size: int = 4,
     seed: int = 0,
     factor: float = 1.0,
+    instances: bool = False,
+    diameter: float | None = None,
+    pixel_size: float | None = None,
 ) -> Iterator[Prediction]:
     """Segment each stack; write ``OUT/masks/NAME.png`` (class indices, as Mask_Norm) and
-    ``OUT/overlays/NAME.png`` (input with prediction outlines). Yields one record per stack."""
+    ``OUT/overlays/NAME.png`` (input with prediction outlines); with ``instances`` also
+    ``OUT/labels/NAME.tif`` (one id per cell, see instances.py) and ``OUT/cells/NAME.csv`` (per-cell
+    measurements, ``pixel_size`` in µm for areas in µm²). Yields one record per stack."""
     out = Path(out)
+    if instances:
+        cell, cell_size = cell_class(trained, "--instances"), cell_diameter(trained, diameter)
+        names = [model_layout(trained).channel_names[c] for c in plan.needed_channels]
     seen: dict[str, str] = {}
     for stack in stacks:
         if stack.name in seen:
@@ -237,6 +250,14 @@ def predict_stacks(
         x = model_input(stack, plan, model_normalisation(trained), seed=seed)
         mask_path = write_png(out / "masks" / f"{stack.name}.png", labels)
         overlay_path = write_png(out / "overlays" / f"{stack.name}.png", overlay(x, labels))
+        cells = None
+        if instances:
+            label_image = instances_from_probabilities(probs, cell, cell_size)
+            write_labels(out / "labels" / f"{stack.name}.tif", label_image)
+            table_path = out / "cells" / f"{stack.name}.csv"
+            table = cell_table(label_image, stack.channels, names, pixel_size, table_path)
+            write_text(table_path, table.to_csv(index=False))
+            cells = len(table)
         h, w = labels.shape
         yield Prediction(stack.name, stack.source, h, w, float(np.count_nonzero(labels)) / labels.size, seconds,
-                         mask_path, overlay_path)
+                         mask_path, overlay_path, cells)
