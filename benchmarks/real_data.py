@@ -14,9 +14,10 @@ Steps, all in the work folder (kept for inspection; a fresh temporary folder unl
   3. ``cellseg train --data WORK/train.zarr --codes 0,1 --run-dir WORK/run --device cpu
      --tracking-uri sqlite:///WORK/mlflow.db <--train-args>``, timed
   4. ``cellseg predict WORK/run WORK/heldout/FullImage --out WORK/pred --device cpu <--predict-args>``
-  5. per held-out image: Dice and IoU of the cell class (predicted class > 0) against Mask_Norm, and
+  5. per held-out image: Dice and IoU of the cell class (predicted class > 0) against Mask_Norm and
+     cellpose's AP@0.5 of `predict --instances` against the expert's cells (Instances/), and
      the same for an Otsu baseline: foreground = page 0 (the cytoplasm/membrane stain) above its Otsu
-     threshold (skimage's ``threshold_otsu``)
+     threshold (skimage's ``threshold_otsu``), its cells split by cellseg's watershed
 
 Subprocesses run in the work folder (MLflow artifacts land there) with OMP/MKL/OpenBLAS threads set to
 ``--threads``. Prints a markdown table (one row per held-out image, then the mean over images and the
@@ -53,6 +54,10 @@ import numpy as np
 import tifffile
 from PIL import Image
 from skimage.filters import threshold_otsu
+
+from cellseg.data.geometry import median_cell_diameter
+from cellseg.inference.instance_metrics import match, scores
+from cellseg.inference.instances import label_instances
 
 REPO = Path(__file__).resolve().parents[1]
 MAKER = REPO.parent / "shared" / "realdata" / "make_real_dev.py"
@@ -110,6 +115,7 @@ def write_subset(data: Path, names: list[str], out: Path) -> None:
     for name in names:
         link_or_copy(data / "FullImage" / f"{name}{STACK_SUFFIX}", out / "FullImage" / f"{name}{STACK_SUFFIX}")
         link_or_copy(data / "Mask_Norm" / f"{name}.png", out / "Mask_Norm" / f"{name}.png")
+        link_or_copy(data / "Instances" / f"{name}.tif", out / "Instances" / f"{name}.tif")
     shutil.copy2(data / "codes.txt", out / "codes.txt")
 
 
@@ -134,23 +140,32 @@ def otsu_foreground(stack: np.ndarray) -> tuple[np.ndarray, str]:
     return page > threshold_otsu(page), "skimage.filters.threshold_otsu"
 
 
-def score_image(stack_path: Path, truth_path: Path, pred_path: Path) -> dict:
-    """Dice and IoU of the cell class for cellseg's prediction and the Otsu baseline on one image."""
-    stack = tifffile.imread(stack_path)
-    truth = np.asarray(Image.open(truth_path)) > 0
-    pred = np.asarray(Image.open(pred_path)) > 0
-    if pred.shape != truth.shape:
-        raise SystemExit(f"{pred_path}: prediction {pred.shape} but mask {truth.shape}")
+def average_precision(truth: np.ndarray, labels: np.ndarray) -> float:
+    """cellpose's per-image average precision TP / (TP + FP + FN) at IoU 0.5 (cellseg's instance metrics)."""
+    return float(scores([match(truth, labels)])["ap_50"])
+
+
+def score_image(heldout: Path, pred: Path, name: str, diameter: float) -> dict:
+    """Dice and IoU of the cell class, and instance AP@0.5 against the expert's cells, for cellseg's
+    prediction and the Otsu baseline (its cells: the same watershed cellseg uses, at ``diameter``)."""
+    stack = tifffile.imread(heldout / "FullImage" / f"{name}{STACK_SUFFIX}")
+    truth = np.asarray(Image.open(heldout / "Mask_Norm" / f"{name}.png")) > 0
+    cells = tifffile.imread(heldout / "Instances" / f"{name}.tif")
+    mask = np.asarray(Image.open(pred / "masks" / f"{name}.png")) > 0
+    if mask.shape != truth.shape:
+        raise SystemExit(f"{pred}/masks/{name}.png: prediction {mask.shape} but mask {truth.shape}")
     otsu, how = otsu_foreground(stack)
     return {
         "height": truth.shape[0], "width": truth.shape[1], "truth_fg": float(truth.mean()),
         "otsu_dice": dice(otsu, truth), "otsu_iou": iou(otsu, truth),
-        "cellseg_dice": dice(pred, truth), "cellseg_iou": iou(pred, truth),
-        "cellseg_fg": float(pred.mean()), "otsu_fg": float(otsu.mean()), "otsu_impl": how,
+        "cellseg_dice": dice(mask, truth), "cellseg_iou": iou(mask, truth),
+        "otsu_ap50": average_precision(cells, label_instances(otsu, diameter)),
+        "cellseg_ap50": average_precision(cells, tifffile.imread(pred / "labels" / f"{name}.tif")),
+        "cellseg_fg": float(mask.mean()), "otsu_fg": float(otsu.mean()), "otsu_impl": how,
     }
 
 
-SCORE_KEYS = ("otsu_dice", "cellseg_dice", "otsu_iou", "cellseg_iou")
+SCORE_KEYS = ("otsu_dice", "cellseg_dice", "otsu_iou", "cellseg_iou", "otsu_ap50", "cellseg_ap50")
 
 
 def means(rows: list[dict]) -> dict:
@@ -167,15 +182,17 @@ def means(rows: list[dict]) -> dict:
 
 def markdown_table(rows: list[dict], summary: dict) -> str:
     """One row per held-out image, then the mean rows."""
-    lines = ["| image | source set | size | Otsu Dice | cellseg Dice | Otsu IoU | cellseg IoU |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = ["| image | source set | size | Otsu Dice | cellseg Dice | Otsu IoU | cellseg IoU | Otsu AP@0.5 | "
+             "cellseg AP@0.5 |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['image']} | {r['set']} | {r['height']}×{r['width']} | {r['otsu_dice']:.3f} | "
-                     f"{r['cellseg_dice']:.3f} | {r['otsu_iou']:.3f} | {r['cellseg_iou']:.3f} |")
+                     f"{r['cellseg_dice']:.3f} | {r['otsu_iou']:.3f} | {r['cellseg_iou']:.3f} | "
+                     f"{r['otsu_ap50']:.3f} | {r['cellseg_ap50']:.3f} |")
     for key, label in (("images", "images"), ("sources", "source images, equal weight")):
         m = summary[key]
         lines.append(f"| **mean over {label}** (n={m['n']}) | | | **{m['otsu_dice']:.3f}** | "
-                     f"**{m['cellseg_dice']:.3f}** | {m['otsu_iou']:.3f} | {m['cellseg_iou']:.3f} |")
+                     f"**{m['cellseg_dice']:.3f}** | {m['otsu_iou']:.3f} | {m['cellseg_iou']:.3f} | "
+                     f"**{m['otsu_ap50']:.3f}** | **{m['cellseg_ap50']:.3f}** |")
     return "\n".join(lines)
 
 
@@ -328,18 +345,17 @@ def predict(exe: str, work: Path, run_dir: Path, predict_args: str, env: dict) -
     """``cellseg predict`` of ``work/heldout/FullImage`` into a fresh ``work/pred``; (wall time, command)."""
     shutil.rmtree(work / "pred", ignore_errors=True)
     cmd = [exe, "predict", str(run_dir), str(work / "heldout" / "FullImage"), "--out", str(work / "pred"),
-           "--device", "cpu", *shlex.split(predict_args)]
+           "--device", "cpu", "--instances", *shlex.split(predict_args)]
     return run_step("predict", cmd, work, env), cmd
 
 
 def score_heldout(work: Path, heldout: list[str]) -> list[dict]:
-    """Scores of every held-out image, tagged with its source image and set."""
-    rows = []
-    for name in heldout:
-        scores = score_image(work / "heldout" / "FullImage" / f"{name}{STACK_SUFFIX}",
-                             work / "heldout" / "Mask_Norm" / f"{name}.png", work / "pred" / "masks" / f"{name}.png")
-        rows.append({"image": name, "source": source_name(name), "set": set_name(source_name(name)), **scores})
-    return rows
+    """Scores of every held-out image, tagged with its source image and set. The Otsu baseline's cells
+    are split at the training masks' median cell diameter, the one cellseg records with its model."""
+    masks = [np.asarray(Image.open(p)) for p in sorted((work / "train" / "Mask_Norm").glob("*.png"))]
+    diameter = median_cell_diameter(masks)
+    return [{"image": name, "source": source_name(name), "set": set_name(source_name(name)),
+             **score_image(work / "heldout", work / "pred", name, diameter)} for name in heldout]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -372,7 +388,8 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(markdown_table(rows, summary))
     print(f"\nOtsu: foreground = page 0 (cytoplasm/membrane stain) > Otsu threshold "
-          f"[{rows[0]['otsu_impl']}]; cellseg: predicted class > 0. Dice/IoU of the cell class vs Mask_Norm.")
+          f"[{rows[0]['otsu_impl']}], cells split by cellseg's watershed; cellseg: predicted class > 0 and "
+          "`predict --instances`. Dice/IoU of the cell class vs Mask_Norm; AP@0.5 (cellpose's) vs Instances/.")
     timing = ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in times.items())
     print(f"{timing}; {machine['nproc']} cores ({machine['cpu_model']}), --threads {args.threads}, "
           f"load avg at start {machine['loadavg_start'][0]:.2f}, torch {machine['torch']}")
