@@ -42,6 +42,7 @@ from PIL import Image
 
 from cellseg.data.batches import make_batch_source
 from cellseg.data.geometry import Geometry
+from cellseg.data.intensity import Normalisation
 from cellseg.data.codes import CodePlan, parse_codes, resolve_codes
 from cellseg.data.ingest import ingest
 from cellseg.data.layouts import load_layout
@@ -151,7 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
         store = open_store(store_path)
         plan = resolve_codes(parse_codes(args.codes), store.layout)
         indices = list(range(len(store)))
-        common = {"indices": indices, "plan": plan, "geometry": Geometry("stack", args.size), "batch_size": args.batch,
+        # the baseline divides by each page's maximum: cellseg does the same work (data.normalize: max)
+        common = {"indices": indices, "plan": plan, "geometry": Geometry("stack", args.size),
+                  "normalisation": Normalisation("max"), "batch_size": args.batch,
                   "seed": args.seed, "drop_last": True}
 
         def cellseg(device: str, residency: str, workers: int = 0) -> Callable[[], object]:

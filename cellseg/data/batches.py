@@ -102,37 +102,51 @@ class _Batches:
 
 class ResidentBatches(_Batches):
     """Needed channels of all selected stacks, at the model's pixel scale, held as uint16 on
-    ``storage`` (CPU RAM or the GPU); each batch is cut from them."""
+    ``storage`` (CPU RAM or the GPU); each batch is cut from them. When every view is exactly one
+    crop (whole stacks resized, or stacks of the crop size) they are one tensor and a batch gathers only
+    the planes its draws use straight from it; otherwise each sample's crop is cut first."""
 
     def __init__(self, store: Store, indices, plan, geometry: Geometry, normalisation: Normalisation, batch_size,
                  device, storage: torch.device, seed, shuffle, drop_last, per_epoch=None, stream=0):
         super().__init__(indices, plan, batch_size, device, seed, shuffle, drop_last, per_epoch, stream)
-        self.size = geometry.size
+        self.size, self.clip = geometry.size, normalisation.clips
+        views = [load_view(store, index, plan.needed_channels, geometry, normalisation) for index in self.indices]
+        self.ranges = torch.from_numpy(np.stack([v[2] for v in views])) if views else None
+        self.whole = all(v[1].shape == (self.size, self.size) for v in views)
         pin = storage.type == "cpu" and device.type == "cuda"
-        self.images, self.masks, ranges = [], [], []
-        for index in self.indices:
-            raw, mask, rng = load_view(store, index, plan.needed_channels, geometry, normalisation)
-            self.images.append(_to(torch.from_numpy(raw), storage, pin))
-            self.masks.append(_to(torch.from_numpy(mask.astype(np.uint8)), storage, pin))
-            ranges.append(rng)
-        self.ranges = torch.from_numpy(np.stack(ranges)) if ranges else torch.zeros(0, len(plan.needed_channels), 2)
+        images, masks = [torch.from_numpy(v[0]) for v in views], [torch.from_numpy(v[1].astype(np.uint8)) for v in views]
+        if self.whole and views:
+            images, masks = torch.stack(images), torch.stack(masks)
+            self.images, self.masks = _to(images, storage, pin), _to(masks, storage, pin)
+        else:
+            self.images, self.masks = [_to(t, storage, pin) for t in images], [_to(t, storage, pin) for t in masks]
         self.residency = "device" if storage.type != "cpu" else "ram"
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self._order(epoch)
         for start in range(0, len(order), self.batch_size):
-            positions = order[start:start + self.batch_size].tolist()
+            positions = order[start:start + self.batch_size]
             if self.drop_last and len(positions) < self.batch_size:
                 return
-            indices = [self.indices[p] for p in positions]
+            indices = [self.indices[p] for p in positions.tolist()]
             u = [self.plan.uniforms(1, sample_generator(self.seed, i, epoch)) for i in indices]
             index, weight = self.plan.choices(np.concatenate(u))
+            ranges = self.ranges[positions]
+            if self.whole:
+                at = positions.to(self.images.device)
+                if self.images.device == self.device:  # gather the planes the draws use straight from storage
+                    x = self.plan.combine(self.images, index, weight, ranges, self.clip, rows=at)
+                else:  # pinned RAM -> GPU: copy the batch's channels, build on the GPU
+                    raw = self.images.index_select(0, at).to(self.device, non_blocking=True)
+                    x = self.plan.combine(raw, index, weight, ranges, self.clip)
+                y = self.masks.index_select(0, at).to(self.device, non_blocking=True).long()
+                yield x, y
+                continue
             crops = [cut(self.images[p], self.masks[p], self.size, crop_generator(self.seed, i, epoch))
-                     for p, i in zip(positions, indices)]
+                     for p, i in zip(positions.tolist(), indices)]
             raw = torch.stack([c[0] for c in crops]).to(self.device, non_blocking=True)
-            x = self.plan.combine(raw, index, weight, self.ranges[positions])
-            y = torch.stack([c[1] for c in crops]).to(self.device, non_blocking=True).long()
-            yield x, y
+            x = self.plan.combine(raw, index, weight, ranges, self.clip)
+            yield x, torch.stack([c[1] for c in crops]).to(self.device, non_blocking=True).long()
 
 
 class _EpochSampler(Sampler):

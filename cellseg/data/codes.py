@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cellseg.data.intensity import apply_ranges
+from cellseg.data.intensity import apply_ranges, range_scale
 from cellseg.data.layouts import Layout, load_layout
 from cellseg.errors import ConfigError, validation_message
 from cellseg.resources import config_file
@@ -230,28 +230,37 @@ class CodePlan:
         index: torch.Tensor,
         weight: torch.Tensor,
         ranges: torch.Tensor | None = None,
+        clip: bool = True,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Drawn choices applied to channels ``x`` (B, K, H, W) -> (B, J, H, W) float32 on x's device.
+        """Drawn choices applied to channels ``x`` (N, K, H, W) -> (B, J, H, W) float32 on x's device.
 
         ``x`` holds normalised floats, or raw intensities (uint16) together with their intensity
         ``ranges`` (B, K, 2) (intensity.py): each plane a draw uses is then normalised as it is
-        gathered, so planes no draw uses are never converted.
-        Input channel j = sum over its terms m of weight[b, j, m] · x[b, index[b, j, m]].
+        gathered, so planes no draw uses are never converted. ``clip`` False says the ranges hold every
+        value from 0 (maxima): the division is then folded into the weights, one pass less per plane.
+        ``rows`` (B,) picks the batch's samples from ``x`` (default: x is the batch).
+        Input channel j = sum over its terms m of weight[b, j, m] · x[rows[b], index[b, j, m]].
         """
-        batch, k, h, w = x.shape
+        n, k, h, w = x.shape
         device = x.device
         index, weight = index.to(device), weight.to(device, torch.float32)
+        batch = index.shape[0]
         if ranges is not None:
-            where = index.flatten(1)[..., None].expand(-1, -1, 2)
-            ranges = ranges.to(device, torch.float32).gather(1, where).view(*index.shape, 2)
-        planes = x.reshape(batch * k, h, w)
-        first = torch.arange(batch, device=device) * k
+            ranges = ranges.to(device, torch.float32).gather(1, index.flatten(1)[..., None].expand(-1, -1, 2))
+            ranges = ranges.view(*index.shape, 2)
+            if not clip:
+                weight = weight * range_scale(ranges)
+        rows = torch.arange(batch, device=device) if rows is None else rows.to(device)
+        planes = x.reshape(n * k, h, w)
+        first = rows * k
         out = torch.zeros(batch, self.in_channels, h, w, device=device)
         for j, terms in enumerate(self._terms):
             for m in range(terms):
                 plane = planes.index_select(0, first + index[:, j, m])
-                plane = apply_ranges(plane, ranges[:, j, m]) if ranges is not None else plane.to(torch.float32)
-                out[:, j].addcmul_(plane, weight[:, j, m, None, None])
+                if ranges is not None and clip:
+                    plane = apply_ranges(plane, ranges[:, j, m])
+                out[:, j].addcmul_(plane.to(torch.float32), weight[:, j, m, None, None])
         return out
 
     def apply(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -41,6 +41,11 @@ class Normalisation:
         hi = np.where(hi > lo, hi, top)
         return np.stack([lo, hi], axis=1)
 
+    @property
+    def clips(self) -> bool:
+        """Whether values can fall outside the range (percentiles) and must be clipped."""
+        return self.method == "percentile"
+
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "low": self.low, "high": self.high}
 
@@ -50,11 +55,18 @@ class Normalisation:
         return f"per-channel {self.low:g}th–{self.high:g}th percentile, clipped"
 
 
-def apply_ranges(planes: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
-    """(…, H, W) intensities with (…, 2) ranges -> float32 in [0, 1]; zero where a range is empty."""
+def range_scale(ranges: torch.Tensor) -> torch.Tensor:
+    """1 / (high - low) of (…, 2) ranges; 0 where a range is empty (the channel becomes all zero)."""
     import torch  # here, not at the top: the config (every CLI start) imports this module
 
-    low, high = ranges[..., 0, None, None].float(), ranges[..., 1, None, None].float()
-    span = high - low
-    scale = torch.where(span > 0, 1.0 / torch.where(span > 0, span, 1.0), 0.0)
-    return ((planes.float() - low) * scale).clamp_(0.0, 1.0)
+    span = ranges[..., 1] - ranges[..., 0]
+    return torch.where(span > 0, 1.0 / torch.where(span > 0, span, 1.0), 0.0)
+
+
+def apply_ranges(planes: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
+    """(…, H, W) intensities with (…, 2) ranges -> float32 in [0, 1]; zero where a range is empty."""
+    import torch
+
+    ranges = ranges.float()
+    out = planes.to(torch.float32, copy=True)
+    return out.sub_(ranges[..., 0, None, None]).mul_(range_scale(ranges)[..., None, None]).clamp_(0.0, 1.0)

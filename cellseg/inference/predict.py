@@ -126,7 +126,7 @@ def model_input(stack: Stack, plan: CodePlan, normalisation: Normalisation, shap
     ranges = torch.from_numpy(normalisation.ranges(stack.channels))[None]
     raw = stack.channels if shape is None else resize_planes(stack.channels.astype(np.float32), shape)
     draw = plan.draw(1, torch.Generator().manual_seed(seed))
-    return plan.combine(torch.from_numpy(np.ascontiguousarray(raw))[None], *draw, ranges)[0]
+    return plan.combine(torch.from_numpy(np.ascontiguousarray(raw))[None], *draw, ranges, normalisation.clips)[0]
 
 
 def segment(trained: TrainedModel, stack: Stack, plan: CodePlan, tile: int | None = None, overlap: float = 0.25,
