@@ -60,7 +60,7 @@ def _check_device(device: str) -> None:
 
 def predict(
     model: ModelArg,
-    images: Annotated[list[Path], typer.Argument(help="Stack TIFFs (any SPEC 2.1 arrangement), folders of them, "
+    images: Annotated[list[Path], typer.Argument(help="Stack TIFFs (multi-page, (C,H,W) or (H,W,C)), folders of them, "
                                                       "or ingested Zarr stores.")],
     out: Out,
     codes: Codes = None,
@@ -131,6 +131,10 @@ def evaluate(
     from cellseg.inference.predict import inference_factor, input_plan
 
     _check_device(device)
+    if not no_log:  # a store the evaluation cannot be logged to fails now, not after the work
+        from cellseg.tracking.runs import check_tracking_uri, resolve_tracking_uri
+
+        check_tracking_uri(resolve_tracking_uri(tracking_uri))
     trained = _load(model, device, tracking_uri)
     plan = input_plan(trained, codes, strategy)
     factor = inference_factor(trained, tile, diameter)
