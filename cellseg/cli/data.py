@@ -12,7 +12,8 @@ data_app = typer.Typer(help="Datasets: synthesise, ingest to Zarr, verify, cut s
 
 @data_app.command("synth")
 def synth(
-    out: Annotated[Path, typer.Argument(help="Output folder (SPEC 2.1 layout: FullImage/, Mask_Norm/, codes.txt).")],
+    out: Annotated[Path, typer.Argument(help="Output folder, laid out as README 'Your data' describes: "
+                                             "FullImage/, Mask_Norm/, codes.txt.")],
     layout: Annotated[
         str, typer.Option(help="Layout name (trainer, test, external) or a layout YAML file.")
     ] = "trainer",
@@ -21,7 +22,7 @@ def synth(
     size: Annotated[int, typer.Option(help="Nominal subimage side in pixels (crops vary around it).")] = 400,
     seed: Annotated[int, typer.Option(help="Random seed: same seed, same bytes.")] = 0,
 ) -> None:
-    """Write a synthetic hyper-labeled dataset from simple imaging physics (SPEC 2.3)."""
+    """Write a synthetic hyper-labeled dataset from simple imaging physics."""
     from cellseg.data.synth import synthesize
 
     summary = synthesize(out, layout=layout, cells=cells, negatives=negatives, size=size, seed=seed)
@@ -41,7 +42,7 @@ def ingest_cmd(
         typer.Option("--wait", help="When another cellseg process is writing the store, wait for it instead of stopping."),
     ] = False,
 ) -> None:
-    """Ingest a SPEC 2.1 folder into a Zarr store (idempotent; never leaves a half-written store).
+    """Ingest a dataset folder (FullImage/, Mask_Norm/, codes.txt) into a Zarr store (idempotent; never half-written).
 
     Masks: PNG or TIFF, 8 or 16 bits; gray or palette values are class indices (0/255 and 0/65535
     mean 0/1 for two classes), RGB(A) must be gray or one colour on black.
@@ -117,7 +118,7 @@ def subimages_cmd(
         bool, typer.Option("--move-to-front", help="Put the preview channels first in the written stacks.")
     ] = False,
 ) -> None:
-    """Crop every ROI box of every stack into subimages, previews and masks (SPEC 2.4)."""
+    """Crop every ROI box of every stack into subimages, previews and masks."""
     from cellseg.data.subimages import generate_subimages, parse_channels
     from cellseg.errors import BadInputError
 

@@ -81,7 +81,7 @@ def report(
     out: Annotated[Path, typer.Option("--out", help="Markdown file; figures/ and metrics.json go beside it.")]
     = Path("reports/paper.md"),
 ) -> None:
-    """Write the reproduction report: SPEC 6's strategy table and CE-weight trade-off with our numbers
+    """Write the reproduction report: the paper's strategy table and CE-weight trade-off with our numbers
     beside the paper's, tuning, and generalisation to the test and external datasets — each comparison
     sentence computed from the results.
 

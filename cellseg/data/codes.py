@@ -1,4 +1,4 @@
-"""Loading codes (SPEC 3): how each model input channel is built from a hyper-labeled stack.
+"""Loading codes (the paper's labelling strategies are lists of them): how each model input channel is built from a hyper-labeled stack.
 
 Codes 0–50 load that channel, 51–199 are defined declaratively in ``configs/codes.yaml`` (plus
 user files named by ``CELLSEG_CODES``), and ``code + 200`` adds channel dropout to ``code``.

@@ -1,4 +1,4 @@
-"""Ingest: the on-disk layout users bring (SPEC 2.1) into one Zarr store (CONTRACTS.md).
+"""Ingest: the on-disk layout users bring (FullImage/, Mask_Norm/, codes.txt) into one Zarr store (CONTRACTS.md).
 
 Two passes over the input. The header pass reads only TIFF and PNG headers, so a missing mask, a
 shape mismatch or a wrong channel count stops the run within seconds; the data pass decodes the

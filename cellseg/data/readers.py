@@ -1,4 +1,4 @@
-"""Reading the files users bring (SPEC 2.1): stack TIFFs in every arrangement, PNG or TIFF masks, codes.txt.
+"""Reading the files users bring: stack TIFFs in every arrangement, PNG or TIFF masks, codes.txt.
 
 Each reader raises ``BadFileError`` (a ``BadInputError``): the file and a one-line reason; the
 ingest decides whether that stops the run or skips the stack. Third-party decoders raise many
@@ -79,7 +79,7 @@ def _looks_hwc(n: int, y: int, x: int, expected: int | None) -> bool:
 
 
 def stack_header(tif: tifffile.TiffFile, expected_channels: int | None = None) -> StackHeader:
-    """Channel/height/width of the main series, for every SPEC 2.1 arrangement.
+    """Channel/height/width of the main series, for every arrangement below.
 
     Multi-page (one page per channel, incl. ImageJ/OME hyperstacks: all non-YX axes flattened in
     page order), a single page with C samples (C, H, W) or (H, W, C), and single-page images.

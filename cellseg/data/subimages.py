@@ -1,4 +1,4 @@
-"""Subimage generation (SPEC 2.4, the seed's "Subimage Generation" notebook).
+"""Subimage generation (the seed's "Subimage Generation" notebook).
 
 Large microscope stacks in a folder, each with an ImageJ ROI table ``NAME--labels.txt`` beside
 it, become one cropped stack per box (``Segmented_Image/``), an RGB preview from three chosen

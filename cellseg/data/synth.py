@@ -1,4 +1,4 @@
-"""Synthetic hyper-labeled datasets in the on-disk layout users bring (SPEC 2.1, physics of SPEC 2.3).
+"""Synthetic hyper-labeled datasets in the on-disk layout users bring (FullImage/, Mask_Norm/, codes.txt).
 
 The paper's datasets cannot be downloaded here, so ``synthesize`` writes look-alikes from simple
 imaging physics (``synth_scene`` places cells, ``synth_optics`` images them) — nothing is tuned

@@ -1,4 +1,4 @@
-"""Imaging of a synthetic scene: what each channel of a layout records (SPEC 2.3).
+"""Imaging of a synthetic scene: what each channel of a layout records.
 
 Fluorescence: a label's structure (cytoplasm fills the cell with a dimmer nucleus, membrane is a
 bright rim, mitochondria are puncta and ER a network over part of the cell, a nuclear label fills

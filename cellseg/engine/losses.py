@@ -1,4 +1,4 @@
-"""Class-weighted cross-entropy (SPEC 5): raising one class's weight trades over- against
+"""Class-weighted cross-entropy (the paper's loss): raising one class's weight trades over- against
 under-segmentation of that class."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The training schedule of SPEC 5: one-cycle phases, encoder freezing, discriminative learning rates.
+"""The training schedule of the paper (Cameron et al. 2021): one-cycle phases, encoder freezing, discriminative learning rates.
 
 A run is a list of **cycles**. Phase 1 trains with the encoder frozen, one-cycle at ``lr``; phase 2
 unfreezes it and runs one-cycle with learning rates spaced geometrically from

@@ -1,4 +1,4 @@
-"""Strategy comparison (SPEC 5, ``model_comparison.png``): every strategy × replicate trained by the
+"""Strategy comparison (the paper's ``model_comparison.png``): every strategy × replicate trained by the
 engine on ONE split, so differences come from the loading codes and the seed, never from which cells
 were held out.
 

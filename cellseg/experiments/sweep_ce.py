@@ -1,4 +1,4 @@
-"""Cross-entropy class-weight sweep (SPEC 5): one model per weight, the trade-off between wrong
+"""Cross-entropy class-weight sweep (as in the paper): one model per weight, the trade-off between wrong
 background and wrong cell pixels, and the same validation stacks predicted by every model.
 
 The **weight** ``w`` is the cross-entropy weight of the cell class relative to background:

@@ -1,4 +1,4 @@
-"""Our results beside the paper's (SPEC 6): tables, and the comparisons the report's sentences state.
+"""Our results beside the paper's (Cameron et al. 2021): tables, and the comparisons the report's sentences state.
 
 Every claim the report makes is a value computed here: rank agreement of the strategy ordering,
 pairs in or out of the paper's order (a pair whose difference is within the combined replicate sd
@@ -20,12 +20,12 @@ from cellseg.errors import CellsegError
 from cellseg.inference.transfer import meaning
 from cellseg.reports.results import Results
 
-# SPEC 6: validation pixel accuracy on the trainer dataset, by strategy, and peak accuracy by the
+# The paper's validation pixel accuracy on the trainer dataset, by strategy, and peak accuracy by the
 # relative cross-entropy weight (read here as the cell weight relative to background, our w).
 PAPER_ACCURACY = {"fluorescence": 0.975, "membrane": 0.969, "cytoplasm": 0.968, "random": 0.951,
                   "brightfield": 0.933, "mitochondria": 0.921, "all_black": 0.81}
 PAPER_CE_PEAK = {0.01: 0.887, 0.1: 0.945, 1.0: 0.968, 10.0: 0.944, 100.0: 0.836}
-# The paper's protocol (SPEC 2.3, 5), to say how a run differs from it.
+# The paper's protocol (datasets, training), to say how a run differs from it.
 PAPER_TRAINING = {"size": 400, "epochs-frozen": 5, "epochs": 100, "batch-size": 4, "precise-bn": False}
 PAPER_DATA = {"trainer": (275, 175), "test": (96, 60), "external": (264, 122)}
 LEARNED_NOTHING = 0.05  # final cell accuracy below this: the model predicts (almost) only background

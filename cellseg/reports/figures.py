@@ -18,7 +18,7 @@ def strategies_figure(table: pd.DataFrame, baseline: float | None) -> plt.Figure
     fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(table) + 1.4))
     y = np.arange(len(table))
     ax.barh(y - 0.2, table["accuracy"], 0.4, xerr=table["sd"].fillna(0.0), color=OURS, capsize=3, label="ours")
-    ax.barh(y + 0.2, table["paper"].fillna(0.0), 0.4, color=PAPER, label="paper (SPEC 6)")
+    ax.barh(y + 0.2, table["paper"].fillna(0.0), 0.4, color=PAPER, label="paper")
     if baseline is not None:
         ax.axvline(baseline, color=BASELINE, ls="--", lw=1.2, label="all background (our split)")
     ax.set_yticks(y, [s.replace("_", " ") for s in table["strategy"]])
