@@ -160,7 +160,7 @@ def score_image(heldout: Path, pred: Path, name: str, diameter: float) -> dict:
         "otsu_dice": dice(otsu, truth), "otsu_iou": iou(otsu, truth),
         "cellseg_dice": dice(mask, truth), "cellseg_iou": iou(mask, truth),
         "otsu_ap50": average_precision(cells, label_instances(otsu, diameter)),
-        "cellseg_ap50": average_precision(cells, tifffile.imread(pred / "labels" / f"{name}.tif")),
+        "cellseg_ap50": average_precision(cells, tifffile.imread(pred / "labels" / f"{name}.ome.tif")),
         "cellseg_fg": float(mask.mean()), "otsu_fg": float(otsu.mean()), "otsu_impl": how,
     }
 

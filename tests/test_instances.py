@@ -151,7 +151,7 @@ def test_predict_instances_writes_labels_and_a_cell_table(tmp_path):
                                  "--instances", "--pixel-size", "0.25"])
     assert result.exit_code == 0, result.output
     assert "s: 60x70, 100.0% cell, 1 cells" in result.output
-    labels = tifffile.imread("out/labels/s.tif")
+    labels = tifffile.imread("out/labels/s.ome.tif")
     assert labels.dtype == np.uint16 and labels.shape == (60, 70) and (labels == 1).all()  # all cell: one cell
     table = CELLS_SCHEMA.validate(pd.read_csv("out/cells/s.csv"))
     names = [TRAINER.channel_names[c] for c in (0, 3, 6)]

@@ -32,10 +32,12 @@ Seed = Annotated[int, typer.Option(help="Seed for random loading codes (one draw
                                    rich_help_panel="Input")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.", rich_help_panel="Hardware")]
 Instances = Annotated[bool, typer.Option(
-    "--instances", help="Also label each cell (OUT/labels/NAME.tif, 0 = background) and measure it "
-                        "(OUT/cells/NAME.csv). Needs a model with a Cell class.", rich_help_panel="Cells")]
+    "--instances", help="Also label each cell (OUT/labels/NAME.ome.tif, 0 = background; a store's stacks also "
+                        "as OME-Zarr in OUT/labels.zarr) and measure it (OUT/cells/NAME.csv). Needs a model with a "
+                        "Cell class.", rich_help_panel="Cells")]
 PixelSize = Annotated[float | None, typer.Option(
-    help="Pixel size in µm, for cell areas in µm² (cellseg reads none from the files).", min=1e-6,
+    help="Pixel size in µm, for cell areas in µm² and the OME metadata (cellseg reads none from the files).",
+    min=1e-6,
     rich_help_panel="Cells")]
 
 
@@ -78,8 +80,8 @@ def predict(
     """Segment stacks of any size at the pixel scale and normalisation the model was trained with.
 
     Writes OUT/masks/NAME.png (class index per pixel, same height and width as the input) and
-    OUT/overlays/NAME.png (the input with prediction outlines); with --instances also OUT/labels/NAME.tif
-    (one id per cell) and OUT/cells/NAME.csv (area, centroid, bounding box, eccentricity, mean/max
+    OUT/overlays/NAME.png (the input with prediction outlines); with --instances also OUT/labels/NAME.ome.tif
+    (one id per cell; stacks of a store also in OUT/labels.zarr, OME-Zarr) and OUT/cells/NAME.csv (area, centroid, bounding box, eccentricity, mean/max
     intensity per channel).
     """
     from cellseg.inference.predict import inference_factor, input_plan, iter_stacks, model_layout, predict_stacks

@@ -222,7 +222,7 @@ SWEEP_CE_COLUMNS = list(SWEEP_CE_SCHEMA.columns)
 
 
 # --- per-cell measurements (cellseg predict --instances: OUT/cells/NAME.csv) ----------------------
-# One row per label of OUT/labels/NAME.tif: area (µm² empty unless the pixel size is given), centroid,
+# One row per label of OUT/labels/NAME.ome.tif: area (µm² empty unless the pixel size is given), centroid,
 # bounding box (y1/x1 exclusive), eccentricity, and the mean/max raw intensity of each channel the model
 # reads, as mean_<channel name> / max_<channel name>.
 

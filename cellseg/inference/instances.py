@@ -92,10 +92,15 @@ def compact(labels: np.ndarray) -> np.ndarray:
     return labels.astype(np.uint16 if fits else np.uint32, copy=False)
 
 
-def write_labels(path: Path, labels: np.ndarray) -> Path:
-    """Write a label image as TIFF (uint16, or uint32 when its ids need it), atomically."""
+def write_labels(path: Path, labels: np.ndarray, pixel_size: float | None = None) -> Path:
+    """Write a label image as OME-TIFF (uint16, or uint32 when its ids need it), atomically: the OME-XML
+    (axes YX, the pixel size in µm when known) is what Fiji/Bio-Formats, napari and QuPath read."""
     import tifffile
 
+    metadata: dict = {"axes": "YX"}
+    if pixel_size:
+        metadata |= {"PhysicalSizeX": pixel_size, "PhysicalSizeXUnit": "µm",
+                     "PhysicalSizeY": pixel_size, "PhysicalSizeYUnit": "µm"}
     with atomic_path(path) as tmp:
-        tifffile.imwrite(tmp, compact(labels), compression="zlib")
+        tifffile.imwrite(tmp, compact(labels), ome=True, metadata=metadata, compression="zlib")
     return path

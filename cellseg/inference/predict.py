@@ -47,6 +47,7 @@ class Stack:
     name: str  # output name: file stem or store id ('/' keeps subfolders)
     source: str
     channels: np.ndarray
+    in_store: bool = False  # from an ingested Zarr store: instances also go to OUT/labels.zarr
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ def _stem(path: Path) -> str:
 
 
 def read_tiff_stack(path: Path, layout: Layout, plan: CodePlan) -> Stack:
-    """The plan's channels of a stack TIFF in any SPEC 2.1 arrangement; its channel count must match."""
+    """The plan's channels of a stack TIFF in any arrangement ingest reads (multi-page, (C,H,W), (H,W,C)); its channel count must match."""
     header = read_stack_header(path, layout.n_channels)
     if header.channels != layout.n_channels:
         raise BadInputError(
@@ -185,7 +186,7 @@ def store_stacks(path: Path, layout: Layout, plan: CodePlan) -> Iterator[Stack]:
             f"model was trained on {layout.n_channels} (layout '{layout.name}')"
         )
     for i, stack_id in enumerate(store.ids):
-        yield Stack(stack_id, f"{path}#{stack_id}", store.read_image(i, plan.needed_channels))
+        yield Stack(stack_id, f"{path}#{stack_id}", store.read_image(i, plan.needed_channels), in_store=True)
 
 
 def iter_stacks(inputs: Sequence[str | Path], layout: Layout, plan: CodePlan) -> Iterator[Stack]:
@@ -232,8 +233,9 @@ def predict_stacks(
 ) -> Iterator[Prediction]:
     """Segment each stack; write ``OUT/masks/NAME.png`` (class indices, as Mask_Norm) and
     ``OUT/overlays/NAME.png`` (input with prediction outlines); with ``instances`` also
-    ``OUT/labels/NAME.tif`` (one id per cell, see instances.py) and ``OUT/cells/NAME.csv`` (per-cell
-    measurements, ``pixel_size`` in µm for areas in µm²). Yields one record per stack."""
+    ``OUT/labels/NAME.ome.tif`` (one id per cell, see instances.py), ``OUT/cells/NAME.csv`` (per-cell
+    measurements, ``pixel_size`` in µm for areas in µm²) and, for stacks of a store, the image and its
+    cells in ``OUT/labels.zarr/NAME`` (OME-Zarr, see ome.py). Yields one record per stack."""
     out = Path(out)
     if instances:
         cell, cell_size = cell_class(trained, "--instances"), cell_diameter(trained, diameter)
@@ -253,7 +255,11 @@ def predict_stacks(
         cells = None
         if instances:
             label_image = instances_from_probabilities(probs, cell, cell_size)
-            write_labels(out / "labels" / f"{stack.name}.tif", label_image)
+            write_labels(out / "labels" / f"{stack.name}.ome.tif", label_image, pixel_size)
+            if stack.in_store:
+                from cellseg.inference.ome import write_ome_zarr  # zarr only when a store is read
+
+                write_ome_zarr(out / "labels.zarr", stack.name, stack.channels, names, label_image, pixel_size)
             table_path = out / "cells" / f"{stack.name}.csv"
             table = cell_table(label_image, stack.channels, names, pixel_size, table_path)
             write_text(table_path, table.to_csv(index=False))
