@@ -88,3 +88,20 @@ def test_predict_instances_on_tiffs_writes_no_ome_zarr(tmp_path):
                                  "--instances"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "labels" / "s.ome.tif").is_file() and not (tmp_path / "out" / "labels.zarr").exists()
+
+
+def test_every_stack_of_an_ingested_store_is_a_valid_ome_zarr_image(tmp_path):
+    """The store's own stack groups carry NGFF 0.5 multiscales metadata: napari's reader opens them as they are."""
+    from cellseg.data.layouts import load_layout
+    from cellseg.data.store import StackRecord, write_store
+
+    rng = np.random.default_rng(0)
+    records = [StackRecord(id=f"s{i}", image=rng.integers(0, 4000, (16, 20 + i, 24), dtype=np.uint16),
+                           mask=np.zeros((20 + i, 24), np.uint8), source=f"s{i}.tif") for i in range(2)]
+    path = write_store(tmp_path / "s.zarr", records, load_layout("trainer"), ["Background", "Cell"])
+    store = open_store(path)
+    for i in range(2):
+        group = path / "stacks" / f"{i:05d}"
+        Image.from_zarr(zarr.open_group(group, mode="r"))  # raises on invalid metadata
+        nodes = list(Reader(parse_url(group))())
+        np.testing.assert_array_equal(np.asarray(nodes[0].data[0]), store.read_image(i))

@@ -1,8 +1,9 @@
 """The Zarr v3 store of ingested stacks: the reader everything trains from, and its low-level writer.
 
-Layout on disk (CONTRACTS.md): ``stacks/<key>/image`` uint16 (C, H, W) chunked one channel per
+Layout on disk: ``stacks/<key>/image`` uint16 (C, H, W) chunked one channel per
 chunk (so reading a loading code's channels touches only those), ``stacks/<key>/mask`` uint8
-class indices, per-stack attrs ``{"id", "channel_max"}``, a root ``channel_max`` array (N, C) so
+class indices, per-stack attrs ``{"id", "channel_max", "ome"}`` (each stack group an NGFF 0.5
+image, readable by OME-Zarr viewers), a root ``channel_max`` array (N, C) so
 opening a store does not read N attribute files, ``manifest.csv`` and root attrs ``cellseg``
 with ``complete: true`` written last. The writer builds the store in a temporary folder and
 renames it into place, so a store either looks complete and is, or does not exist.
@@ -30,6 +31,12 @@ from cellseg.fileio import atomic_path
 
 STORE_FORMAT = 1
 MANIFEST_NAME = "manifest.csv"
+# Each stack's group is also an OME-Zarr (NGFF 0.5) image of one resolution level, so NGFF viewers
+# (napari-ome-zarr, ome-zarr-py) open ``stacks/<key>`` as it is; metadata only, no extra array.
+NGFF_IMAGE = {"version": "0.5", "multiscales": [{
+    "axes": [{"name": "c", "type": "channel"}, {"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
+    "datasets": [{"path": "image", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0, 1.0]}]}],
+}]}
 
 
 @dataclass(frozen=True)
@@ -108,10 +115,11 @@ def write_store(
             _check_record(rec, layout, classes)
             key = stack_key(index)
             cmax = rec.image.reshape(rec.image.shape[0], -1).max(axis=1).astype(np.float32)
-            group = root.create_group(f"stacks/{key}", attributes={"id": rec.id, "channel_max": cmax.tolist()})
+            group = root.create_group(f"stacks/{key}", attributes={"id": rec.id, "channel_max": cmax.tolist(),
+                                                                   "ome": NGFF_IMAGE})
             c, h, w = rec.image.shape
             image = group.create_array("image", shape=(c, h, w), chunks=(1, h, w), dtype="uint16",
-                                       compressors=None, fill_value=0)
+                                       compressors=None, fill_value=0, dimension_names=("c", "y", "x"))
             image[...] = rec.image
             mask = group.create_array("mask", shape=(h, w), chunks=(h, w), dtype="uint8",
                                       compressors=None, fill_value=0)
