@@ -54,6 +54,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 from skimage.filters import threshold_otsu
+from skimage.segmentation import find_boundaries
 
 from cellseg.data.geometry import median_cell_diameter
 from cellseg.inference.instance_metrics import match, scores
@@ -311,17 +312,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="re-use a trained run folder; only predict and score")
     p.add_argument("--budget-s", type=float, default=600.0, help="warn when training takes longer (default 600 s)")
     p.add_argument("--json", type=Path, help="JSON output (default WORK/real_data.json)")
+    p.add_argument("--boundary", action="store_true",
+                   help="train with a third class 'Boundary' (each cell's inner edge, from the experts' instance "
+                        "labels) that separates touching cells")
     return p.parse_args(argv)
 
 
-def prepare_split(data: Path, work: Path, seed: int | None) -> dict:
-    """Split ``data`` by source image into ``work/train`` and ``work/heldout``; the split as a dict."""
+def write_boundary_masks(subset: Path) -> None:
+    """Replace ``subset``'s binary masks by three classes from its instance labels: 0 background, 1 cell,
+    2 boundary (each cell's inner edge, ``find_boundaries(mode="inner")``: touching cells get a 2 px gap)."""
+    for path in sorted((subset / "Instances").glob("*.tif")):
+        labels = tifffile.imread(path)
+        mask = (labels > 0).astype(np.uint8)
+        mask[find_boundaries(labels, mode="inner")] = 2
+        target = subset / "Mask_Norm" / f"{path.name[:-len('.tif')]}.png"
+        target.unlink()  # a hard link to the shared set: never write through it
+        Image.fromarray(mask).save(target)
+    (subset / "codes.txt").write_text("Background\nCell\nBoundary\n")
+
+
+def prepare_split(data: Path, work: Path, seed: int | None, boundary: bool = False) -> dict:
+    """Split ``data`` by source image into ``work/train`` and ``work/heldout``; the split as a dict.
+    ``boundary``: the training masks get the third class (``write_boundary_masks``)."""
     names = stack_names(data)
     train, heldout = split_sources(names, seed)
     if not train or not heldout:
         raise SystemExit(f"{data}: {len(names)} images give an empty side of the split")
     write_subset(data, train, work / "train")
     write_subset(data, heldout, work / "heldout")
+    if boundary:
+        write_boundary_masks(work / "train")
     split = {"seed": seed, "train": train, "heldout": heldout,
              "heldout_sources": sorted({source_name(n) for n in heldout})}
     (work / "split.json").write_text(json.dumps(split, indent=1))
@@ -370,7 +390,10 @@ def main(argv: list[str] | None = None) -> None:
     env = {**os.environ, **{var: str(args.threads) for var in THREAD_VARS}}
     exe = cellseg_exe()
 
-    split = prepare_split(data, work, args.seed)
+    split = prepare_split(data, work, args.seed, args.boundary)
+    if args.boundary:
+        (work / "boundary.yaml").write_text("model:\n  num_classes: 3\ntrain:\n  ce_weights: [1.0, 1.0, 1.0]\n")
+        args.train_args += f" --config {work / 'boundary.yaml'}"
     times, commands = {}, {}
     if args.skip_train:
         check_split_matches(run_dir, split["heldout"])

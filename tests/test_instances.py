@@ -76,6 +76,20 @@ def test_touching_disks_are_split_by_the_watershed():
     assert label_instances(np.zeros(shape, bool)).max() == 0
 
 
+def test_a_boundary_class_separates_touching_cells_the_cell_class_alone_merges():
+    """Two touching 20 x 20 squares: as one cell blob they are one object to a seedless split; with the
+    model's boundary class between them they are two cells, grown back over their boundary pixels."""
+    probs = np.zeros((3, 40, 60), np.float32)
+    probs[0] = 1.0
+    probs[:, 10:30, 10:50] = [[[0.0]], [[1.0]], [[0.0]]]  # cell
+    probs[:, 10:30, 29:31] = [[[0.0]], [[0.2]], [[0.8]]]  # boundary between the two squares
+    merged = instances_from_probabilities(probs[:2], cell=1, diameter=60)
+    assert merged.max() == 1
+    labels = instances_from_probabilities(probs, cell=1, diameter=20, boundary=2)
+    assert labels.max() == 2 and (labels > 0).sum() == 20 * 40
+    assert len(np.unique(labels[10:30, 10:29])) == 1 and len(np.unique(labels[10:30, 31:50])) == 1
+
+
 def test_more_than_65535_cells_are_written_as_uint32(tmp_path):
     ids = np.arange(1, 70_001, dtype=np.int64).reshape(280, 250)
     write_labels(tmp_path / "many.tif", ids)

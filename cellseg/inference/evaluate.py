@@ -36,7 +36,7 @@ from cellseg.engine.metrics import SegmentationMetrics
 from cellseg.errors import BadInputError
 from cellseg.fileio import write_text
 from cellseg.inference.instance_metrics import Matching, match, scores
-from cellseg.inference.instances import cell_class, cell_diameter, instances_from_probabilities
+from cellseg.inference.instances import boundary_class, cell_class, cell_diameter, instances_from_probabilities
 from cellseg.inference.predict import (
     model_input,
     model_layout,
@@ -46,6 +46,7 @@ from cellseg.inference.predict import (
     write_png,
 )
 from cellseg.tracking.models import TrainedModel, mlflow_errors, use_tracking_uri
+from cellseg.tracking.runs import source_tags
 from cellseg.visualize import overlay
 
 STACKS_NAME = "per_stack"
@@ -121,7 +122,8 @@ def evaluate(
         if cell is not None:
             true_cells = (_label_image(Path(instances_from), stack.name, mask.shape) if instances_from is not None
                           else ndimage.label(mask == cell)[0])
-            matching = match(true_cells, instances_from_probabilities(probs, cell, cell_size))
+            labels = instances_from_probabilities(probs, cell, cell_size, boundary_class(trained))
+            matching = match(true_cells, labels)
             for scope in ("all", "negatives" if negative else "cells"):
                 matchings[scope].append(matching)
             instance_scores = {**truth, **scores([matching])}
@@ -191,7 +193,8 @@ def log_evaluation(evaluation: Evaluation, trained: TrainedModel, settings: dict
     uri = use_tracking_uri(tracking_uri)
     with mlflow_errors(uri):
         experiment_id = _experiment_id(trained, experiment or "cellseg")
-        tags = {"cellseg.kind": "evaluation", "cellseg.model_uri": trained.uri,
+        tags = {**source_tags(),  # the command line as typed (MLflow's own names only the script's path)
+                "cellseg.kind": "evaluation", "cellseg.model_uri": trained.uri,
                 "cellseg.data_hash": evaluation.content_hash}
         if trained.run_id:
             tags["cellseg.model_run_id"] = trained.run_id

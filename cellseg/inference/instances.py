@@ -23,6 +23,7 @@ from cellseg.fileio import atomic_path
 from cellseg.tracking.models import TrainedModel
 
 CELL = "cell"
+BOUNDARY = "boundary"
 DEFAULT_DIAMETER = 30.0  # native px, when a model records none: cellpose's default diameter
 SEED_SPACING = 0.4  # seeds at least this many diameters apart (two touching cells: 1 diameter)
 SMOOTHING = 0.1  # sigma of the distance smoothing, in diameters: ridges of elongated cells give one seed
@@ -49,19 +50,40 @@ def cell_diameter(trained: TrainedModel, diameter: float | None = None) -> float
     return float(diameter or recorded or DEFAULT_DIAMETER)
 
 
-def instances_from_probabilities(probs, cell: int = 1, diameter: float = DEFAULT_DIAMETER) -> np.ndarray:
-    """Label image from class probabilities (num_classes, H, W) (tensor or array): pixels whose most
-    probable class is ``cell``, split into cells by ``label_instances``."""
+def boundary_class(trained: TrainedModel) -> int | None:
+    """Index of the model's "Boundary" class (cell edges, trained from instance masks), if it has one."""
+    lower = [str(c).lower() for c in trained.metadata.get("classes", [])]
+    return lower.index(BOUNDARY) if BOUNDARY in lower else None
+
+
+def _is_argmax(probs: np.ndarray, k: int) -> np.ndarray:
+    """argmax == k, without np.argmax over the class axis (30x slower at 2048²): more than every class
+    before it, at least every class after it (argmax takes the first of equal maxima)."""
+    mask = np.ones(probs.shape[1:], bool)
+    if k > 0:
+        mask &= probs[k] > probs[:k].max(axis=0)
+    if k + 1 < len(probs):
+        mask &= probs[k] >= probs[k + 1 :].max(axis=0)
+    return mask
+
+
+def instances_from_probabilities(probs, cell: int = 1, diameter: float = DEFAULT_DIAMETER,
+                                 boundary: int | None = None) -> np.ndarray:
+    """Label image from class probabilities (num_classes, H, W) (tensor or array). Without a ``boundary``
+    class: pixels whose most probable class is ``cell``, split by ``label_instances``. With one, the cell
+    interiors the model separated by boundary pixels are the seeds, grown over cell and boundary pixels."""
     if hasattr(probs, "detach"):
         probs = probs.detach().cpu().numpy()
-    # argmax == cell, without np.argmax over the class axis (30x slower at 2048²): more than every class
-    # before it, at least every class after it (argmax takes the first of equal maxima)
-    mask = np.ones(probs.shape[1:], bool)
-    if cell > 0:
-        mask &= probs[cell] > probs[:cell].max(axis=0)
-    if cell + 1 < len(probs):
-        mask &= probs[cell] >= probs[cell + 1 :].max(axis=0)
-    return label_instances(mask, diameter)
+    interior = _is_argmax(probs, cell)
+    if boundary is None:
+        return label_instances(interior, diameter)
+    from skimage.segmentation import relabel_sequential, watershed
+
+    seeds, _ = ndimage.label(interior)
+    labels = watershed(probs[boundary], seeds, mask=interior | _is_argmax(probs, boundary))
+    areas = np.bincount(labels.ravel())
+    labels[areas[labels] < MIN_AREA * math.pi * diameter**2 / 4] = 0
+    return compact(relabel_sequential(labels)[0])
 
 
 def label_instances(mask: np.ndarray, diameter: float = DEFAULT_DIAMETER) -> np.ndarray:

@@ -31,7 +31,13 @@ from cellseg.data.layouts import Layout
 from cellseg.data.readers import decode_stack, read_stack_header
 from cellseg.errors import BadInputError, ConfigError
 from cellseg.fileio import atomic_path, write_text
-from cellseg.inference.instances import cell_class, cell_diameter, instances_from_probabilities, write_labels
+from cellseg.inference.instances import (
+    boundary_class,
+    cell_class,
+    cell_diameter,
+    instances_from_probabilities,
+    write_labels,
+)
 from cellseg.inference.measurements import cell_table
 from cellseg.inference.tiling import predict_tiled
 from cellseg.tracking.models import TrainedModel
@@ -254,7 +260,7 @@ def predict_stacks(
         overlay_path = write_png(out / "overlays" / f"{stack.name}.png", overlay(x, labels))
         cells = None
         if instances:
-            label_image = instances_from_probabilities(probs, cell, cell_size)
+            label_image = instances_from_probabilities(probs, cell, cell_size, boundary_class(trained))
             write_labels(out / "labels" / f"{stack.name}.ome.tif", label_image, pixel_size)
             if stack.in_store:
                 from cellseg.inference.ome import write_ome_zarr  # zarr only when a store is read
