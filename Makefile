@@ -27,6 +27,7 @@ test: install ## the whole test suite (CPU)
 bench: install ## benchmarks (prints markdown tables)
 	$(BIN)/python benchmarks/data_loading.py
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/predict.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

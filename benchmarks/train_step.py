@@ -23,6 +23,10 @@ compare the CPU s/step column (process CPU time) rather than wall time. Prints a
 
     python benchmarks/train_step.py [--batch 4] [--size 400] [--warmup 1] [--reps 3]
         [--device auto|cpu|cuda|cpu,cuda] [--malloc default|tuned|both] [--optimizer loop|foreach|fused]
+        [--amp none|bf16] [--channels-last]
+
+``--amp bf16`` runs forward and loss under bf16 autocast (what ``cellseg train`` does on CUDA);
+``--channels-last`` converts model and batch to channels-last (likewise). Both show in the note column.
 """
 
 from __future__ import annotations
@@ -70,26 +74,29 @@ def child(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    row = {"model": args.child, "device": args.device, "malloc": args.malloc_label, "optimizer": args.optimizer}
+    row = {"model": args.child, "device": args.device, "malloc": args.malloc_label, "optimizer": args.optimizer,
+           "amp": args.amp, "channels_last": args.channels_last}
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     try:
         model, note = build(args.child, args.size)
     except ImportError as exc:
         return {**row, "skipped": f"not installed ({exc.name})"}
-    model = model.to(device)
+    model = model.to(device, memory_format=memory_format)
     opt_kw = {"fused": True} if args.optimizer == "fused" else {"foreach": args.optimizer == "foreach"}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2, **opt_kw)
     size = args.size
 
     def batch(side):
         g = torch.Generator().manual_seed(1)
-        x = torch.rand(args.batch, 3, side, side, generator=g).to(device)
+        x = torch.rand(args.batch, 3, side, side, generator=g).to(device, memory_format=memory_format)
         y = torch.randint(0, 2, (args.batch, side, side), generator=g).to(device)
         return x, y
 
     def step(x, y):
         opt.zero_grad(set_to_none=True)
-        out = model(x).as_subclass(torch.Tensor)  # fastai returns its TensorBase subclass
-        loss = F.cross_entropy(out, y)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
+            out = model(x).as_subclass(torch.Tensor)  # fastai returns its TensorBase subclass
+            loss = F.cross_entropy(out, y)
         loss.backward()
         opt.step()
         if device.type == "cuda":
@@ -106,6 +113,10 @@ def child(args: argparse.Namespace) -> dict:
         x, y = batch(size)
         with FlopCounterMode(display=False) as flops:
             out = step(x, y)
+    settings = ", ".join(s for s in ("bf16 autocast" if args.amp == "bf16" else "",
+                                     "channels-last" if args.channels_last else "") if s)
+    if settings:
+        note = f"{settings}; {note}" if note else settings
     if tuple(out.shape[-2:]) != (size, size):
         note = (note + "; " if note else "") + f"output {tuple(out.shape[-2:])}"
     for _ in range(args.warmup - 1):
@@ -143,7 +154,8 @@ def run_child(args: argparse.Namespace, model: str, device: str, malloc: str) ->
         env.update(TUNED_MALLOC)
     cmd = [sys.executable, __file__, "--child", model, "--device", device, "--malloc-label", malloc,
            "--batch", str(args.batch), "--size", str(args.size), "--warmup", str(args.warmup),
-           "--reps", str(args.reps), "--optimizer", args.optimizer, "--threads", str(args.threads)]
+           "--reps", str(args.reps), "--optimizer", args.optimizer, "--threads", str(args.threads),
+           "--amp", args.amp] + (["--channels-last"] if args.channels_last else [])
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["?"])[-1]
@@ -201,6 +213,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--optimizer", choices=("loop", "foreach", "fused"), default="loop",
                         help="AdamW implementation, the same for every model")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--amp", choices=("none", "bf16"), default="none", help="bf16 autocast for forward and loss")
+    parser.add_argument("--channels-last", action="store_true", help="model and batch in channels-last memory format")
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--malloc-label", default="default", help=argparse.SUPPRESS)
@@ -234,6 +248,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         "batch": args.batch,
         "requested_size": args.size,
         "optimizer": f"AdamW ({args.optimizer})",
+        "amp": args.amp,
+        "channels_last": args.channels_last,
         "warmup": args.warmup,
         "reps": args.reps,
         "rounds": args.rounds,
