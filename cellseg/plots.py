@@ -52,8 +52,12 @@ def learning_curves(history: Sequence[dict[str, Any]]) -> plt.Figure:
     return fig
 
 
-def image_grid(images: Sequence[np.ndarray], titles: Sequence[str] = (), columns: int = 4) -> plt.Figure:
-    """RGB images (H, W, 3) in a grid, e.g. prediction overlays from ``cellseg.visualize.overlay``."""
+def image_grid(images: Sequence[np.ndarray], titles: Sequence[str] = (), columns: int = 4,
+               legend: Sequence[tuple[str, Sequence[int]]] = ()) -> plt.Figure:
+    """RGB images (H, W, 3) in a grid, e.g. prediction overlays from ``cellseg.visualize.overlay``.
+    ``legend``: (label, RGB 0-255) pairs shown as lines under the grid, e.g. what each outline colour is."""
+    from matplotlib.lines import Line2D
+
     columns = max(1, min(columns, len(images)))
     rows = max(1, math.ceil(len(images) / columns))
     fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
@@ -63,6 +67,10 @@ def image_grid(images: Sequence[np.ndarray], titles: Sequence[str] = (), columns
         ax.imshow(image)
         ax.set_title(title, fontsize=8)
     fig.tight_layout()
+    if legend:  # proxy artists: the outlines are pixels of the images, not artists of their own
+        handles = [Line2D([], [], color=np.asarray(rgb, float) / 255, lw=2, label=label) for label, rgb in legend]
+        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(handles),
+                   fontsize=8, frameon=False)
     return fig
 
 

@@ -52,10 +52,22 @@ class RecordLR:
         self.lrs.append([g["lr"] for g in session.optimizer.param_groups])
 
 
-def test_fit_logs_run_metrics_and_registers_a_model(trainer_store, mlflow_db, tmp_path):
+def test_fit_logs_run_metrics_and_registers_a_model(trainer_store, mlflow_db, tmp_path, monkeypatch):
     import mlflow
     from mlflow import MlflowClient
 
+    import cellseg.plots
+
+    legends = []  # the predictions figure says which outline is which
+
+    def image_grid(*args, **kwargs):
+        fig = real_grid(*args, **kwargs)
+        legends.extend([(t.get_text(), tuple(h.get_color())) for t, h in zip(lg.get_texts(), lg.legend_handles)]
+                       for lg in fig.legends)
+        return fig
+
+    real_grid = cellseg.plots.image_grid
+    monkeypatch.setattr(cellseg.plots, "image_grid", image_grid)
     callback = MlflowCallback(experiment="engine-test")
     terminal = io.StringIO()
     progress = ProgressCallback(Console(file=terminal, force_terminal=True, width=150))
@@ -78,6 +90,10 @@ def test_fit_logs_run_metrics_and_registers_a_model(trainer_store, mlflow_db, tm
     artifacts = {a.path for a in client.list_artifacts(callback.run_id)} | {
         a.path for a in client.list_artifacts(callback.run_id, "plots")}
     assert {"config.yaml", "split.json", "metrics.json", "plots/learning_curves.png", "plots/predictions.png"} <= artifacts
+    assert legends == [[("ground truth", (0.0, 1.0, 0.0)), ("prediction", (1.0, 0.0, 1.0))]]  # green, magenta
+    assert run.info.run_name == "fluorescence · 0,3,6 · 64px crops"  # what ran, not the folder's time stamp
+    assert run.data.params["data.codes"] == "0,3,6"  # the resolved codes, as in "codes"
+    assert {"mlflow.source.type", "mlflow.source.name", "mlflow.user"} <= set(run.data.tags)
 
     assert callback.registered == ("cellseg-fluorescence", 1)
     aliases = client.get_registered_model("cellseg-fluorescence").aliases

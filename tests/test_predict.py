@@ -188,7 +188,8 @@ def test_predict_errors_are_one_line(run_dir, tmp_path):
 # --- evaluate ----------------------------------------------------------------------------------------
 
 
-def test_evaluate_writes_valid_tables_and_logs_to_mlflow(run_dir, trainer_store, mlflow_db):
+def test_evaluate_writes_valid_tables_and_logs_to_mlflow(run_dir, trainer_store, mlflow_db, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["/venv/bin/cellseg", "evaluate", "--tracking-uri", "http://me:pw@host"])
     result = runner.invoke(app, ["evaluate", str(run_dir), "--data", str(trainer_store), "--out", "ev",
                                  "--device", "cpu", "--overlays"])
     assert result.exit_code == 0, result.output
@@ -205,6 +206,9 @@ def test_evaluate_writes_valid_tables_and_logs_to_mlflow(run_dir, trainer_store,
     assert len(runs) == 1
     run = runs[0]
     assert run.data.tags["cellseg.model_uri"] == str(run_dir)
+    # the UI's "Source": the command as typed, its password redacted (not MLflow's script path)
+    assert run.data.tags["mlflow.source.name"] == "cellseg evaluate --tracking-uri 'http://me:***@host'"
+    assert run.data.tags["mlflow.source.type"] == "LOCAL" and run.data.tags["mlflow.user"]
     assert run.data.metrics["eval_accuracy"] == pytest.approx(summary.set_index("scope").loc["all", "accuracy"])
 
 

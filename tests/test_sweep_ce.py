@@ -51,6 +51,9 @@ def test_sweep_trains_one_model_per_weight_on_one_split(trainer_store, mlflow_db
     children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent_id}'")
     assert sorted(c.data.tags["weight"] for c in children) == ["0.1", "10"]
     assert {c.data.tags["strategy"] for c in children} == {"fluorescence"}
+    assert sorted(c.info.run_name for c in children) == ["ce-w0.1", "ce-w10"]  # like trial-7, fluorescence-r1
+    assert parent.data.tags["mlflow.source.name"] and parent.data.tags["mlflow.user"]  # "Source", "Created by"
+    assert {c.data.tags["mlflow.source.type"] for c in [parent, *children]} == {"LOCAL"}
     assert set(table["run_id"]) == {c.info.run_id for c in children}
 
     again = runner.invoke(app, [*args, "--resume"])  # finished weights are re-read, not retrained

@@ -105,24 +105,44 @@ def test_resume_needs_a_run_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_then_extend_from_the_command_line(trainer_store, mlflow_db):
+def test_train_then_extend_from_the_command_line(trainer_store, mlflow_db, monkeypatch):
+    import getpass
+    import sys
+
     from mlflow import MlflowClient
 
     from cellseg.tracking.runs import resolve_tracking_uri
 
+    # what the shell would have passed (CliRunner leaves sys.argv alone): the source tag records it
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/cellseg", "train", "--tracking-uri", "postgresql://me:s3cret@db/x",
+                                      "--register-as", "tiny"])
     first = invoke("train", "--data", str(trainer_store), "--seed", "1", "--config", small_encoder_file(),
                    "--run-dir", "runs/a", "--register-as", "tiny", *TINY)
     assert first.exit_code == 0, first.output
     assert "epoch 2/2" in first.output and "registered: models:/tiny/1" in first.output
+    # the count is explained: the phases add up, and each line says where it is within its phase
+    assert "2 epochs = phase 1: 1 with the encoder frozen (--epochs-frozen) + phase 2: 1 unfrozen" in first.output
+    assert "epoch 1/2 (phase 1) frozen 1/1 ·" in first.output and "epoch 2/2 (phase 2) unfrozen 1/1 ·" in first.output
     again = invoke("train", "--run-dir", "runs/a", "--resume", "--epochs", "2")
     assert again.exit_code == 0, again.output
     assert "epoch 3/3 (phase 3)" in again.output and "registered: models:/tiny/2" in again.output
+    assert "phase 3: 1 unfrozen (--epochs raised on resume); resuming after epoch 2" in again.output
 
     client = MlflowClient(resolve_tracking_uri())
     (run,) = client.search_runs([client.get_experiment_by_name("cellseg").experiment_id])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "accuracy")] == [1, 2, 3]
     assert run.data.params["train.epochs"] == "1" and run.data.tags["cellseg.resumed.train.epochs"] == "2"
     assert client.get_registered_model("tiny").aliases == {"champion": 1, "challenger": 2}
+    # the MLflow UI's name, "Created by" and "Source": what ran (strategy fluorescence = codes 0,3,6 in
+    # configs/strategies.yaml; --size 64 crops: default.yaml's resize none), who ran it, the command
+    assert run.info.run_name == "fluorescence · 0,3,6 · 64px crops"
+    tags = run.data.tags
+    assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.user"] == getpass.getuser()
+    assert tags["mlflow.source.name"] == "cellseg train --tracking-uri 'postgresql://me:***@db/x' --register-as tiny"
+    assert "s3cret" not in str(tags)
+    # the parameters agree: data.codes holds the codes the strategy resolved to, not None
+    assert run.data.params["data.codes"] == run.data.params["codes"] == "0,3,6"
+    assert run.data.params["data.strategy"] == run.data.params["strategy"] == "fluorescence"
 
 
 @pytest.mark.slow
@@ -139,3 +159,87 @@ def test_train_against_a_tracking_server(trainer_store, mlflow_server, monkeypat
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {
         "plots/learning_curves.png", "plots/predictions.png"}
     assert not Path("mlflow.db").exists()  # nothing went to the local default store
+
+
+def test_run_label_says_what_ran():
+    from types import SimpleNamespace
+
+    from cellseg.tracking.runs import run_label
+
+    crops = SimpleNamespace(size=96, resize="none", scale=1.0)
+    assert run_label("fluorescence", [0, 3, 6], crops) == "fluorescence · 0,3,6 · 96px crops"
+    assert run_label(None, [0, 3, 206], SimpleNamespace(size=128, resize="stack", scale=0.5)) == \
+        "codes 0,3,206 · 128px stacks"  # resize stack: the scale plays no part
+    assert run_label("membrane", [3, 3, 3], SimpleNamespace(size=64, resize="none", scale=0.5)) == \
+        "membrane · 3,3,3 · 64px crops ×0.5"
+
+
+def test_command_line_and_source_tags(tmp_path, monkeypatch):
+    import getpass
+    import shutil
+    import subprocess
+
+    from cellseg.tracking import runs
+
+    assert runs.command_line(["/v/bin/cellseg", "train", "--tracking-uri=http://u:pw@h:5000", "--data", "a b.zarr"]) \
+        == "cellseg train '--tracking-uri=http://u:***@h:5000' --data 'a b.zarr'"  # quoted: pasteable
+    assert runs.command_line(["/site/cellseg/__main__.py", "tune", "--storage", "postgresql://me:x@db/s"]) \
+        == "python -m cellseg tune --storage 'postgresql://me:***@db/s'"
+    assert len(runs.command_line(["cellseg", "x" * 5000])) == runs.SOURCE_NAME_MAX
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["/v/bin/cellseg", "compare"])
+    tags = runs.source_tags()
+    assert tags == {"mlflow.source.type": "LOCAL", "mlflow.source.name": "cellseg compare",
+                    "mlflow.user": getpass.getuser()}  # not in a git checkout: no commit
+
+    def no_login():
+        raise OSError("no user name")
+
+    monkeypatch.setattr(getpass, "getuser", no_login)
+    assert runs.source_tags()["mlflow.user"] == "unknown"
+    if shutil.which("git") is None:
+        return
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], cwd=tmp_path, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert runs.source_tags()["mlflow.source.git.commit"] == head
+
+
+def test_run_name_gets_the_folder_only_when_taken(mlflow_db, tmp_path):
+    from types import SimpleNamespace
+
+    from mlflow import MlflowClient
+
+    from cellseg.config import Config
+    from cellseg.tracking.runs import MlflowCallback, experiment_id, resolve_tracking_uri
+
+    callback = MlflowCallback(experiment="names")
+    client = MlflowClient(resolve_tracking_uri())
+    exp = experiment_id(client, "names")
+    data = Config().data.model_copy(update={"size": 96, "resize": "stack"})
+    session = SimpleNamespace(plan=SimpleNamespace(strategy="fluorescence", codes=(0, 3, 6)),
+                              config=SimpleNamespace(data=data), run_dir=tmp_path / "fluorescence-20261130-064744")
+    assert callback._run_name(session, exp) == "fluorescence · 0,3,6 · 96px stacks"
+    client.create_run(exp, run_name="fluorescence · 0,3,6 · 96px stacks")
+    assert callback._run_name(session, exp) == "fluorescence · 0,3,6 · 96px stacks · fluorescence-20261130-064744"
+    session.plan = SimpleNamespace(strategy="it's", codes=(1,))  # a quote in a name: looked up all the same
+    assert callback._run_name(session, exp) == "it's · 1 · 96px stacks"
+    client.create_run(exp, run_name="it's · 1 · 96px stacks")
+    assert callback._run_name(session, exp) == "it's · 1 · 96px stacks · fluorescence-20261130-064744"
+
+
+def test_epoch_lines_explain_the_count():
+    from cellseg.engine.progress import epoch_line, schedule_line
+    from cellseg.engine.schedule import Cycle
+
+    cycles = [Cycle(1, 1), Cycle(2, 6)]
+    assert schedule_line(cycles) == ("7 epochs = phase 1: 1 with the encoder frozen (--epochs-frozen) + "
+                                     "phase 2: 6 unfrozen (--epochs)")
+    assert schedule_line([Cycle(2, 1)], 0) == "1 epoch = phase 2: 1 unfrozen (--epochs)"
+    record = {"epoch": 4, "phase": 2, "train_loss": 0.25}
+    assert epoch_line(record, 7, cycles).startswith("epoch 4/7 (phase 2) unfrozen 3/6 · train_loss 0.2500 ")
+    first = epoch_line({"epoch": 1, "phase": 1}, 7, cycles)
+    assert first.startswith("epoch 1/7 (phase 1) frozen 1/1 · train_loss nan")
+    assert epoch_line(record, 7).startswith("epoch 4/7 (phase 2) train_loss")  # without the cycles: as before

@@ -70,7 +70,7 @@ def tune(
     Examples: `cellseg tune --data trainer.zarr --profile quick --trials 20 --study lr-ce` ·
     `cellseg train --config best.yaml`
     """
-    from cellseg.experiments.tune import redact
+    from cellseg.tracking.runs import redact
     from cellseg.experiments.tune import tune as run_tune
     from cellseg.tracking.runs import resolve_tracking_uri
 

@@ -97,7 +97,7 @@ def sweep_ce(
             if parent is not None:
                 child = parent.child_callback(
                     tags={"weight": f"{weight:g}", "strategy": strategy, "cellseg.kind": "sweep-ce"},
-                    run_name=f"{out.name} w={weight:g}", register=False, log_model=False)
+                    run_name=f"ce-w{weight:g}", register=False, log_model=False)
                 callbacks.append(child)
             cfg = config.with_overrides({"train.ce_weights": [1.0, weight]})
             result = fit(cfg, folder, resume=checkpoint_path(folder).is_file(), split=split, callbacks=callbacks)

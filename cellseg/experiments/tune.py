@@ -51,7 +51,7 @@ from cellseg.errors import CellsegError, ConfigError, TrackingError
 from cellseg.experiments.inputs import check_inputs
 from cellseg.experiments.progress import RunsProgress
 from cellseg.fileio import write_text
-from cellseg.tracking.runs import _one_line, check_tracking_uri, resolve_tracking_uri
+from cellseg.tracking.runs import _one_line, check_tracking_uri, redact, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -222,11 +222,6 @@ def open_storage(url: str, heartbeat: int = HEARTBEAT_S):
             time.sleep(0.5 + attempt)
         except Exception as exc:  # noqa: BLE001 — SQLAlchemy/driver errors: the user needs one line
             raise TrackingError(f"--storage {redact(url)}: cannot open the study database ({_one_line(exc)})") from None
-
-
-def redact(url: str) -> str:
-    """The URL without its password (it is logged and printed)."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
 # --- study set-up ------------------------------------------------------------------------------

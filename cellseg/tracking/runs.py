@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import getpass
 import logging
 import os
 import re
+import shlex
 import sqlite3
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -114,6 +118,63 @@ def experiment_id(client, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+def redact(url: str) -> str:
+    """``url`` (or any text holding one) without the password of ``scheme://user:password@host``."""
+    return re.sub(r"(://[^:/@\s]+):[^@\s]*@", r"\1:***@", url)
+
+
+def run_label(strategy: str | None, codes, data) -> str:
+    """What a training run trains on, for its MLflow run name: ``fluorescence · 0,3,6 · 96px stacks``
+    (the strategy, or ``codes …`` when explicit codes replace it; the network input from ``data``,
+    a ``DataConfig``: whole stacks resized to ``size``, or crops of ``size`` at ``scale``)."""
+    codes = ",".join(map(str, codes))
+    inputs = f"{data.size}px stacks" if data.resize == "stack" else f"{data.size}px crops"
+    if data.resize != "stack" and data.scale != 1:
+        inputs += f" ×{data.scale:g}"
+    return f"{strategy} · {codes} · {inputs}" if strategy else f"codes {codes} · {inputs}"
+
+
+SOURCE_NAME_MAX = 1000  # characters of the command line kept in mlflow.source.name
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command that is running, as typed (``cellseg train --data …``), passwords in URLs redacted:
+    the program is named by its file name (``python -m cellseg`` for a package's ``__main__``)."""
+    argv = list(sys.argv if argv is None else argv) or ["cellseg"]
+    program = Path(argv[0]).name
+    if program == "__main__.py":  # python -m PACKAGE
+        program = f"python -m {Path(argv[0]).parent.name}"
+    text = " ".join([program, *(shlex.quote(redact(arg)) for arg in argv[1:])])
+    return text if len(text) <= SOURCE_NAME_MAX else text[:SOURCE_NAME_MAX - 1] + "…"
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's standard run tags (the UI's "Created by" and "Source") for a run of this process.
+    ``MlflowClient.create_run`` sets none of them (``mlflow.start_run`` would, naming the source by the
+    script's path only): ``mlflow.source.type``/``name`` (the command line, see ``command_line``),
+    ``mlflow.user``, and ``mlflow.source.git.commit`` when the working directory is in a git checkout."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001 — no login name (e.g. a container's uid without a passwd entry)
+        user = "unknown"
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": command_line(), "mlflow.user": user}
+    commit = _git_commit(Path.cwd())
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def _git_commit(folder: Path) -> str | None:
+    """HEAD of the git checkout holding ``folder``; None outside one, without git, or if git hangs."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=5,
+                              check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = done.stdout.strip()
+    return commit if done.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", commit) else None
+
+
 def registered_name(register_as: str | None, strategy: str | None) -> str:
     """``--register-as`` or ``cellseg-<strategy>`` (``cellseg-custom`` for explicit codes)."""
     return register_as or f"cellseg-{strategy or 'custom'}"
@@ -165,8 +226,10 @@ class MlflowCallback:
             if self.run_id and not self._reopen():
                 self.run_id = None
             if self.run_id is None:
-                tags = {**self._tags(session), **({"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {})}
-                run = self.client.create_run(experiment_id, run_name=self.run_name or session.run_dir.name, tags=tags)
+                tags = {**source_tags(), **self._tags(session),
+                        **({"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {})}
+                name = self.run_name or self._run_name(session, experiment_id)
+                run = self.client.create_run(experiment_id, run_name=name, tags=tags)
                 self.run_id = run.info.run_id
             self._log_params(session)
             for name in ("config.yaml", "split.json"):
@@ -226,6 +289,20 @@ class MlflowCallback:
         self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in self.tags.items()])
         return True
 
+    def _run_name(self, session, experiment_id: str) -> str:
+        """What ran (``run_label``), and the run folder's name after it when the experiment already
+        has a run of that name (MLflow allows duplicates; the folder tells them apart)."""
+        data = session.config.data
+        name = run_label(session.plan.strategy, session.plan.codes, data)
+        quote = "'" if "'" not in name else '"'  # MLflow's filter has no escapes: the other quote
+        try:
+            taken = quote in name or self.client.search_runs(
+                [experiment_id], filter_string=f"attributes.run_name = {quote}{name}{quote}", max_results=1)
+        except Exception as exc:  # noqa: BLE001 — a name is not worth a failed run
+            log.debug("MLflow: could not look for runs named %r (%s)", name, _one_line(exc))
+            taken = True
+        return f"{name} · {session.run_dir.name}" if taken else name
+
     def _tags(self, session) -> dict[str, str]:
         plan = session.plan
         return {"strategy": plan.strategy or "custom", "codes": ",".join(map(str, plan.codes)),
@@ -238,6 +315,7 @@ class MlflowCallback:
         plan, store, split = session.plan, session.store, session.split
         params = {
             **session.config.flat(),
+            "data.codes": ",".join(map(str, plan.codes)),  # the resolved codes, also when a strategy named them
             "codes": ",".join(map(str, plan.codes)),
             "strategy": plan.strategy,
             "in_channels": plan.in_channels,
@@ -278,7 +356,7 @@ class MlflowCallback:
         import tempfile
 
         from cellseg.plots import image_grid, learning_curves, save_figure
-        from cellseg.visualize import overlay
+        from cellseg.visualize import PREDICTION_COLOUR, TRUTH_COLOUR, overlay
 
         with tempfile.TemporaryDirectory(prefix="cellseg-plots-") as tmp:
             if session.history:
@@ -286,7 +364,8 @@ class MlflowCallback:
             x, y, ids = _example_batch(session, self.examples)
             prediction = session.predict(x)
             images = [overlay(x[i], prediction[i], y[i]) for i in range(len(x))]
-            save_figure(image_grid(images, ids), Path(tmp) / "predictions.png")
+            legend = [("ground truth", TRUTH_COLOUR), ("prediction", PREDICTION_COLOUR)]
+            save_figure(image_grid(images, ids, legend=legend), Path(tmp) / "predictions.png")
             self.client.log_artifacts(self.run_id, tmp, artifact_path="plots")
         self.client.log_artifact(self.run_id, str(session.run_dir / "metrics.json"))
 

@@ -25,6 +25,7 @@ from cellseg.tracking.runs import (
     check_tracking_uri,
     experiment_id,
     resolve_tracking_uri,
+    source_tags,
 )
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ def tracked_run(name: str, kind: str, tracking_uri: str | None = None, experimen
         if run_id is not None:
             client.update_run(run_id, status="RUNNING")
         else:
-            all_tags = {KIND_TAG: kind, **{k: str(v) for k, v in (tags or {}).items()}}
+            all_tags = {**source_tags(), KIND_TAG: kind, **{k: str(v) for k, v in (tags or {}).items()}}
             run_id = client.create_run(experiment_id(client, experiment), run_name=name, tags=all_tags).info.run_id
     run = TrackedRun(client, uri, experiment, run_id)
     try:
@@ -143,7 +144,7 @@ def shared_run_id(name: str, kind: str, key: str, tracking_uri: str | None = Non
         found = _tagged(client, exp, kind, key, name)
         if found:
             return found[0]
-        ours = client.create_run(exp, run_name=name, tags={KIND_TAG: kind, key: name}).info.run_id
+        ours = client.create_run(exp, run_name=name, tags={**source_tags(), KIND_TAG: kind, key: name}).info.run_id
         winner = _tagged(client, exp, kind, key, name)[0]
         if winner != ours:
             client.delete_run(ours)
