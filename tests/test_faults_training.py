@@ -35,6 +35,7 @@ def nothing_started() -> None:
     """No run folder, study journal or MLflow run exists (the MLflow store itself may)."""
     assert not Path("runs").exists() or not any(Path("runs").rglob("checkpoint_last.pt"))
     assert not Path("optuna.journal").exists()
+    assert not Path("cmp").exists() or not any(Path("cmp").rglob("*.json"))  # compare: no split, no runs
     if Path("mlflow.db").exists():
         from mlflow import MlflowClient
 
@@ -44,28 +45,30 @@ def nothing_started() -> None:
         assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
-def train_and_tune(store, *extra: str, config: str | None = None) -> list:
+def train_tune_compare(store, *extra: str, config: str | None = None) -> list:
     common = ["--data", str(store), "--config", config or small_encoder_file(), *TINY, *extra]
     return [runner.invoke(app, ["train", *common, "--run-dir", "runs/r"]),
-            runner.invoke(app, ["tune", *common, "--trials", "1"])]
+            runner.invoke(app, ["tune", *common, "--trials", "1"]),
+            runner.invoke(app, ["compare", *common, "--strategies", "fluorescence", "--replicates", "1",
+                                "--out", "cmp"])]
 
 
 def test_zero_epochs_is_refused_before_any_work(trainer_store, mlflow_db):
-    for result in train_and_tune(trainer_store, "--epochs-frozen", "0", "--epochs", "0"):
+    for result in train_tune_compare(trainer_store, "--epochs-frozen", "0", "--epochs", "0"):
         one_line_error(result, "--epochs-frozen 0 --epochs 0: nothing to train")
     nothing_started()
     assert not Path("runs").exists()
 
 
 def test_a_store_too_small_for_a_split_is_refused_before_training(one_stack_store, mlflow_db):
-    for result in train_and_tune(one_stack_store, "--epochs-frozen", "1", "--epochs", "0"):
+    for result in train_tune_compare(one_stack_store, "--epochs-frozen", "1", "--epochs", "0"):
         one_line_error(result, "one.zarr: 1 stack(s); training needs at least 2")
     nothing_started()
 
 
 def test_an_empty_validation_split_is_refused_before_training(trainer_store, mlflow_db):
     Path("no-val.yaml").write_text(Path(small_encoder_file()).read_text() + "data:\n  val_fraction: 0.0\n")
-    for result in train_and_tune(trainer_store, "--epochs-frozen", "1", config="no-val.yaml"):
+    for result in train_tune_compare(trainer_store, "--epochs-frozen", "1", config="no-val.yaml"):
         one_line_error(result, "the split leaves no stack for validation (data.val_fraction 0.0)")
     nothing_started()
 

@@ -72,7 +72,7 @@ def compare(
     ``name`` identifies the comparison in MLflow (default: ``default_name(out)``);
     ``log_models`` logs each run's model to its child run (large: off by default; the checkpoints
     in the run folders load with ``load_trained_model`` either way)."""
-    from cellseg.engine.loop import fit
+    from cellseg.engine.loop import check_epochs, fit
     from cellseg.tracking.studies import shared_run_id, tracked_run
 
     out = Path(out)
@@ -80,6 +80,7 @@ def compare(
     store = check_inputs([_run_config(config, s, 1) for s in strategies])  # before the first hour of training
     if replicates < 1:
         raise ConfigError(f"--replicates {replicates}: must be at least 1")
+    check_epochs(config)
     name = name or default_name(out)
     check_tracking_uri(resolve_tracking_uri(config.tracking.uri))  # an unreachable server: fail now
     split = _the_split(out, store, config)
@@ -139,7 +140,11 @@ def _check_strategies(strategies: Sequence[str]) -> list[str]:
 
 
 def _the_split(out: Path, store, config: Config) -> Split:
-    """``OUT/split.json`` when continuing a comparison (it must be of this store), else a new one."""
+    """``OUT/split.json`` when continuing a comparison (it must be of this store), else a new one —
+    checked before it is saved and before the parent run opens: a split with nothing to validate on
+    is no comparison."""
+    from cellseg.engine.loop import check_split
+
     path = out / SPLIT_NAME
     if path.is_file():
         split = Split.load(path)
@@ -148,6 +153,7 @@ def _the_split(out: Path, store, config: Config) -> Split:
                                 "(content hash differs); use a new --out")
         return split
     split = make_split(store, config.data.val_fraction, config.seed)
+    check_split(split, config)
     split.save(path)
     return split
 
