@@ -39,12 +39,12 @@ def lock_path(path: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def hold(path: str | os.PathLike, what: str, wait: bool = False) -> Iterator[None]:
+def hold(path: str | os.PathLike, what: str, wait: bool | None = False) -> Iterator[None]:
     """Hold the lock of ``path`` for the block; ``what`` says what this process does with it
     ("writing it"), for the message another process gets.
 
     Held elsewhere: BadInputError naming the holder, or with ``wait`` one line on stderr and block
-    until it is free.
+    until it is free. ``wait`` None: the command offers no ``--wait``, so the message does not suggest it.
     """
     path = Path(path)
     check_writable_dir(path.parent)
@@ -55,7 +55,8 @@ def hold(path: str | os.PathLike, what: str, wait: bool = False) -> Iterator[Non
         except Timeout:
             busy = f"{path}: another cellseg process {_holder(lock_path(path))}"
             if not wait:
-                raise BadInputError(f"{busy}; wait for it or pass --wait") from None
+                advice = "wait for it to end" if wait is None else "wait for it or pass --wait"
+                raise BadInputError(f"{busy}; {advice}") from None
             print(f"{busy}; waiting for it", file=sys.stderr, flush=True)
             lock.acquire()
     except OSError as exc:

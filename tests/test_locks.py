@@ -50,6 +50,9 @@ def test_second_holder_gets_one_line_naming_the_first(holder):
     assert message.endswith(") is training into it; wait for it or pass --wait")
     assert json.loads(lock_path("runs/a").read_text())["pid"] == holder.pid
     assert not Path("runs/a").exists()  # the lock sits beside the target, which need not exist
+    with pytest.raises(BadInputError, match=r"is training into it; wait for it to end$"):
+        with hold("runs/a", "training into it", wait=None):  # a command without --wait: not suggested
+            pass
 
 
 def test_a_killed_holder_leaves_no_stale_lock(holder):

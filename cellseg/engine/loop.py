@@ -96,14 +96,14 @@ def fit(
     init_from: str | Path | None = None,
     callbacks: Sequence[Any] = (),
     split: Split | None = None,
-    wait: bool = False,
+    wait: bool | None = None,
 ) -> FitResult:
     """Train per ``config`` in ``run_dir``; ``resume`` continues its checkpoint (see schedule.py for
     a larger ``train.epochs``); ``init_from`` starts from an earlier model's weights.
 
     Rank 0 locks the run folder for the whole fit: a second process training into it at once (whose
     checkpoint would keep only one of two MLflow runs) stops with one line naming the first, or with
-    ``wait`` waits for it to end."""
+    ``wait`` waits for it to end (None: the caller offers no ``--wait``, so the line does not suggest it)."""
     run_dir = Path(run_dir)
     if not resume:
         check_epochs(config)
