@@ -106,13 +106,11 @@ def is_legacy(trained: TrainedModel) -> bool:
 def model_geometry(trained: TrainedModel) -> Geometry:
     """The pixel scale the model was trained at (legacy models: native-pixel tiles of their size)."""
     record = trained.metadata.get("geometry") or {"resize": "none", "size": trained.size}
-    return Geometry(record["resize"], int(record["size"]), float(record.get("scale", 1.0)),
-                    bool(record.get("keep_aspect", True)))
+    return Geometry(**{k: v for k, v in record.items() if k != "cell_diameter"})
 
 
 def model_normalisation(trained: TrainedModel) -> Normalisation:
-    record = trained.metadata.get("normalisation") or {"method": "max"}
-    return Normalisation(record["method"], float(record.get("low", 1.0)), float(record.get("high", 99.8)))
+    return Normalisation(**(trained.metadata.get("normalisation") or {"method": "max"}))
 
 
 def inference_factor(trained: TrainedModel, tile: int | None = None, diameter: float | None = None) -> float:
