@@ -53,7 +53,7 @@ LAYOUT = "trainer"
 
 
 def make_data(folder: Path, stacks: int, size: int, seed: int) -> tuple[Path, Path]:
-    """SPEC 2.1 folder of smooth noisy uint16 stacks + its ingested store; returns (root, store)."""
+    """Dataset folder (docs/data.md) of smooth noisy uint16 stacks + its ingested store; returns (root, store)."""
     layout = load_layout(LAYOUT)
     rng = np.random.default_rng(seed)
     root = folder / "data"

@@ -2,8 +2,8 @@
 
 glibc's malloc hands large activation buffers back to the OS after every step and page-faults them
 in again on the next; keeping them (no mmap for big blocks, no trimming) made the U-Net's CPU
-training step 1.43x faster at +40% peak RSS on this project's machines (ENGINEERING.md), and cut
-CPU time per step by 17-19% in benchmarks/train_step.py. ``CELLSEG_MALLOC_TUNING=0`` turns it off.
+training step 1.43x faster at +40% peak RSS on this project's 2-core machines (batch 4 at 400x400), and cut
+CPU time per step by 17-19% in benchmarks/train_step.py (docs/benchmarks.md). ``CELLSEG_MALLOC_TUNING=0`` turns it off.
 """
 
 from __future__ import annotations

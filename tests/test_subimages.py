@@ -1,4 +1,4 @@
-"""Subimage generation (SPEC 2.4): crops, clamping, previews, masks, bad ROI files, CLI."""
+"""Subimage generation (docs/data.md): crops, clamping, previews, masks, bad ROI files, CLI."""
 
 from __future__ import annotations
 

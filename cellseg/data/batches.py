@@ -2,7 +2,7 @@
 
 Reading and normalising the pages a sample needs costs milliseconds per sample, so per-sample
 loading, not the model, would set the pace on a GPU (resident batches: 721 samples/s against 357 for the
-per-sample stream on one CPU core, README "Benchmarks"). A store the size
+per-sample stream on one CPU core, docs/benchmarks.md). A store the size
 of the paper's fits in memory: the resident source loads the needed channels of the selected
 stacks once (at the model's pixel scale, kept as uint16, with each channel's intensity range) into
 RAM or onto the training device, and each batch is the samples' random crops and the loading codes
