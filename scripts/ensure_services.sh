@@ -2,7 +2,9 @@
 # Installs the servers the test suite starts itself but pip cannot provide: PostgreSQL (initdb,
 # pg_ctl, postgres) for Optuna's RDB storage tests. `mlflow server` and moto come with `.[dev]`.
 # Idempotent: does nothing when the binaries are already there (looked up where tests/servers.py
-# looks). Never fails `make test`: without the binaries the PostgreSQL tests skip and say why.
+# looks). Without the binaries the PostgreSQL tests skip, and pytest's summary ends with a red "servers"
+# section counting them; with CELLSEG_REQUIRE_SERVICES=1 (CI: .ci/run) this script fails instead, and
+# so does every server test that cannot run (tests/conftest.py).
 set -euo pipefail
 
 have_postgres() {
@@ -17,7 +19,14 @@ have_postgres() {
   return 1
 }
 
-warn() { echo "ensure_services: $*; the PostgreSQL tests will be skipped" >&2; exit 0; }
+warn() {
+  if [ "${CELLSEG_REQUIRE_SERVICES:-}" = 1 ]; then
+    echo "ensure_services: $*; CELLSEG_REQUIRE_SERVICES=1, so this is an error (the PostgreSQL tests cannot run)" >&2
+    exit 1
+  fi
+  echo "ensure_services: WARNING: $*; the PostgreSQL tests will be SKIPPED (see the end of pytest's summary)" >&2
+  exit 0
+}
 
 have_postgres && exit 0
 command -v apt-get >/dev/null 2>&1 || warn "PostgreSQL not found and no apt-get to install it"

@@ -19,6 +19,7 @@ from cellseg.engine.checkpoint import load_checkpoint
 from cellseg.engine.loop import fit
 from cellseg.engine.progress import ProgressCallback
 from cellseg.errors import BadInputError, ConfigError
+from cellseg.tracking.models import model_resolver
 from cellseg.tracking.runs import MlflowCallback
 
 pytestmark = pytest.mark.slow
@@ -113,7 +114,8 @@ def test_fit_logs_run_metrics_and_registers_a_model(trainer_store, mlflow_db, tm
             seen.update({k: v.clone() for k, v in session.model.state_dict().items()})  # before its epoch
 
     one_epoch = tiny_config(trainer_store, **{"train.epochs_frozen": 0, "train.epochs": 1})
-    fit(one_epoch, tmp_path / "from-registry", init_from="models:/cellseg-fluorescence@champion", callbacks=[Capture()])
+    fit(one_epoch, tmp_path / "from-registry", init_from="models:/cellseg-fluorescence@champion", callbacks=[Capture()],
+        resolve=model_resolver())
     assert all(torch.equal(seen[k], v) for k, v in result.model.state_dict().items())
 
 

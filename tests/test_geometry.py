@@ -24,7 +24,7 @@ from cellseg.engine.session import TrainingSession
 from cellseg.errors import ConfigError
 from cellseg.inference.predict import Stack, inference_factor, model_input, segment
 from cellseg.model import build_model
-from cellseg.tracking.models import TrainedModel
+from cellseg.model.loading import TrainedModel
 
 runner = CliRunner()
 TRAINER = load_layout("trainer")

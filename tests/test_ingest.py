@@ -1,4 +1,5 @@
-"""Ingest: every TIFF arrangement of SPEC 2.1, masks, nested ids, bad inputs, atomicity, idempotency.
+"""Ingest: every TIFF arrangement of a dataset folder (docs/data.md), masks, nested ids,
+bad inputs, atomicity, idempotency.
 
 The input trees are written here with tifffile/PIL, independent of the synthetic generator.
 """

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import typer
@@ -20,9 +21,10 @@ import yaml
 from typer.testing import CliRunner
 
 from cellseg.cli.main import app
+from cellseg.data.layouts import load_layout
 
 ROOT = Path(__file__).resolve().parents[1]
-PROFILES = {"quick": "params.yaml", "paper": "params-paper.yaml"}
+PROFILES = {"reproduction": "params.yaml", "quick": "params-quick.yaml", "paper": "params-paper.yaml"}
 runner = CliRunner()
 
 
@@ -61,10 +63,10 @@ def stages(profile: str, tmp_path: Path):
         repo.close()
 
 
-def test_both_params_files_have_the_same_keys_and_name_their_profile():
+def test_every_params_file_has_the_same_keys_and_names_its_profile():
     loaded = {p: yaml.safe_load((ROOT / f).read_text()) for p, f in PROFILES.items()}
-    assert _keys(loaded["quick"]) == _keys(loaded["paper"])
-    assert {p: v["profile"] for p, v in loaded.items()} == {"quick": "quick", "paper": "paper"}
+    assert _keys(loaded["quick"]) == _keys(loaded["paper"]) == _keys(loaded["reproduction"])
+    assert {p: v["profile"] for p, v in loaded.items()} == {p: p for p in PROFILES}
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
@@ -160,6 +162,12 @@ def fake_results(root: Path) -> None:
     runs = pd.DataFrame([{"strategy": s, "replicate": 1, "epoch": e, "accuracy": a - 0.01 * (3 - e), "cell_accuracy": 0.8}
                          for s, a in STRATEGIES.items() for e in (1, 2, 3)])
     runs.to_csv(root / "compare" / "compare_runs.csv", index=False)
+    (root / "qc").mkdir()
+    otsu = {"cyto_total": 0.9, "memb_total": 0.6, "mito_total": 0.3}
+    pd.DataFrame([{"store": "trainer.zarr", "channel": c, "interior_contrast": 1.0, "edge_contrast": 1.0,
+                   "otsu_dice": otsu.get(c, 0.4 if c.startswith("bf_") else 0.5), "snr": 5.0, "floor": 0.0,
+                   "saturated": 0.0, "stacks": 4, "constant": False} for c in load_layout("trainer").channel_names]
+                 ).to_csv(root / "qc" / "qc.csv", index=False)
     (root / "sweep_ce").mkdir()
     peak = [0.85, 0.90, 0.95, 0.91, 0.80]
     pd.DataFrame({"weight": [0.01, 0.1, 1, 10, 100], "strategy": "fluorescence", "peak_accuracy": peak,
@@ -194,7 +202,7 @@ def test_report_from_fake_results_states_computed_claims(tmp_path, trainer_store
     fake_results(tmp_path / "results")
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "trainer.zarr").symlink_to(trainer_store)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = yaml.safe_load((ROOT / "params-quick.yaml").read_text())
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
 
     result = runner.invoke(app, ["report", "--results", "results", "--data", "data", "--params", "params.yaml",
@@ -203,7 +211,15 @@ def test_report_from_fake_results_states_computed_claims(tmp_path, trainer_store
     assert result.exit_code == 0, result.output
     text = (tmp_path / "reports" / "paper.md").read_text()
     assert "profile `quick`" in text and "Differs from the paper's protocol" in text
-    assert "| fluorescence | 95.0% ± 0.1 (n=2) | 80.0% | 97.5% | -2.5 pts | 2 / 1 |" in text
+    # threshold Dice: the best input channel's Otsu Dice; random (code 107) draws from all 16 channels
+    assert "| fluorescence | 95.0% ± 0.1 (n=2) | 80.0% | 97.5% | -2.5 pts | 2 / 1 | 0.900 |" in text
+    assert "| random | 92.0% ± 0.1 (n=2) | 80.0% | 95.1% | -3.1 pts | 4 / 4 | 0.475 |" in text
+    assert "| all_black | 80.0% ± 0.1 (n=2) ⚠ | 0.0% | 81.0% | -1.0 pts | 7 / 7 | 0.000 |" in text
+    reach = [0.9, 0.6, 0.9, 0.475, 0.4, 0.3, 0.0]
+    rho = np.corrcoef(pd.Series(list(STRATEGIES.values())).rank(), pd.Series(reach).rank())[0, 1]
+    assert f"follows the threshold Dice of their inputs with Spearman ρ {rho:+.2f}" in text
+    assert "each fluorescent label is missing from 20% of cells" in text
+    assert "| bf_m10 | 1.000 | 1.000 | 0.400 | 5.000 | 0.05 / 0.17 / 0.20 |" in text
     # fluorescence/membrane is the one pair out of the paper's order (0.95 < 0.96, sds 0.001)
     assert "20 are in the paper's order, 1 reversed and 0 within replicate noise" in text
     assert "ours is membrane (the paper's best is fluorescence)" in text
@@ -220,6 +236,7 @@ def test_report_from_fake_results_states_computed_claims(tmp_path, trainer_store
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
     assert metrics["ordering"]["reversed"] == 1 and metrics["ce_shape"]["peak_weight"] == 1.0
     assert metrics["strategies"]["all_black"]["paper"] == 0.81 and metrics["generalisation"]["membrane"]["external"] is None
+    assert metrics["strategies"]["membrane"]["threshold_dice"] == 0.6
     for figure in ("strategies.png", "ce_tradeoff.png", "generalisation.png", "best_learning_curves.png"):
         assert (tmp_path / "reports" / "figures" / figure).is_file()
         assert f"figures/{figure}" in text

@@ -1,4 +1,4 @@
-"""The synthetic dataset generator: SPEC 2.1's layout on disk, SPEC 2.3's physics, determinism, CLI."""
+"""The synthetic dataset generator: the folder layout on disk (docs/data.md), imaging physics, determinism, CLI."""
 
 from __future__ import annotations
 

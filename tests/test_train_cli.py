@@ -146,6 +146,33 @@ def test_train_then_extend_from_the_command_line(trainer_store, mlflow_db, monke
 
 
 @pytest.mark.slow
+def test_train_under_mlflow_run_logs_into_its_run(trainer_store, mlflow_db, monkeypatch):
+    """`mlflow run` starts the command with MLFLOW_RUN_ID set: training fills that run, creating no other."""
+    from mlflow import MlflowClient
+
+    from cellseg.inference.predict import input_plan
+    from cellseg.tracking.models import load_trained_model
+    from cellseg.tracking.runs import resolve_tracking_uri
+
+    client = MlflowClient(resolve_tracking_uri())
+    project = client.create_run(client.create_experiment("project")).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", project)
+    result = invoke("train", "--data", str(trainer_store), "--config", small_encoder_file(), "--run-dir", "runs/p",
+                    "--no-register", *TINY)
+    assert result.exit_code == 0, result.output
+    assert f"run: {project}" in result.output
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert [r.info.run_id for r in client.search_runs(experiments)] == [project]
+    assert [m.step for m in client.get_metric_history(project, "accuracy")] == [1, 2]
+    run = client.get_run(project)
+    assert run.info.status == "FINISHED" and run.data.params["codes"] == "0,3,6"
+    assert run.data.tags["strategy"] == "fluorescence" and "cellseg.model_uri" in run.data.tags
+    trained = load_trained_model(run.data.tags["cellseg.model_uri"], tracking_uri=resolve_tracking_uri())
+    assert trained.metadata["recipe"][1]["channel_names"] == ["memb_total"]  # the recipe survives MLflow's YAML
+    assert input_plan(trained).codes == [0, 3, 6]
+
+
+@pytest.mark.slow
 def test_train_against_a_tracking_server(trainer_store, mlflow_server, monkeypatch):
     from mlflow import MlflowClient
 

@@ -90,11 +90,14 @@ def sweep_ce(
                                             "sweep_ce_predictions.png.", panel=OUTPUT)] = Path("sweep_ce"),
     examples: Annotated[int, _opt("--examples", help="Validation stacks shown in sweep_ce_predictions.png.",
                                   panel=OUTPUT)] = 3,
-    resume: Annotated[bool, _opt("--resume", help="Continue the sweep in --out (finished weights are kept).")] = False,
+    resume: Annotated[bool, _opt("--resume", help="Accepted for compatibility: re-running into the same --out "
+                                                  "always continues the sweep (finished weights are kept).")
+                      ] = False,
 ) -> None:
     """Cross-entropy weight sweep: one model per cell weight w (ce_weights = [1, w]) on the same split;
     the fraction of wrong background, cell and overall pixels vs w, and every model's predictions of
-    the same validation stacks. One MLflow parent run with a child run per weight.
+    the same validation stacks. One MLflow parent run with a child run per weight. Re-running the
+    same command continues an interrupted sweep (as compare does; `--resume` changes nothing).
 
     Example: `cellseg sweep-ce --data trainer.zarr --strategy fluorescence --weights 0.01,0.1,1,10,100 --out ce/`
     """
@@ -106,7 +109,7 @@ def sweep_ce(
         raise ConfigError(f"--examples {examples}: show at least one stack")
     parsed = _floats("--weights", weights)
     config = _config(options, tracking)
-    result = run(config, out, parsed, examples=examples, resume=resume)
+    result = run(config, out, parsed, examples=examples)
     shown = result.table[["weight", "wrong_background", "wrong_cell", "wrong_overall", "accuracy", "dice"]]
     typer.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     typer.echo(f"wrote {result.csv}, {result.png} and {result.predictions} · MLflow parent run {result.run_id}")

@@ -64,6 +64,8 @@ class TrainingOptions:
     precise_bn: Annotated[bool | None, _opt("--precise-bn/--no-precise-bn",
                                             help="Re-estimate BatchNorm statistics over the training set before "
                                                  "each validation (short runs, small datasets).")] = None
+    checkpoint_every: Annotated[int | None, _opt("--checkpoint-every", help="Write the resumable checkpoint every N "
+                                                                          "epochs (and at the end of each phase).")] = None
     device: Annotated[str | None, _opt("--device", help="auto, cpu or cuda.")] = None
     seed: Annotated[int | None, _opt("--seed", help="Seed for split, weights, draws and augmentation.")] = None
 
@@ -86,6 +88,7 @@ class TrainingOptions:
             "train.lr": self.lr,
             "train.ce_weights": _floats("--ce-weights", self.ce_weights) if self.ce_weights is not None else None,
             "train.precise_bn": self.precise_bn,
+            "train.checkpoint_every": self.checkpoint_every,
             "train.device": self.device,
             "seed": self.seed,
         }

@@ -41,19 +41,20 @@ PixelSize = Annotated[float | None, typer.Option(
     rich_help_panel="Cells")]
 
 
-def _load(model: str, device: str, tracking_uri: str | None):
-    """The model, with one line on stderr when it predates the recorded input geometry."""
+def load_model(model: str, device: str, tracking_uri: str | None):
+    """The model, with one line on stderr when it predates the recorded input geometry or recipe."""
     from cellseg.engine.session import resolve_device
-    from cellseg.inference.predict import LEGACY_NOTE, is_legacy
+    from cellseg.inference.predict import legacy_note
     from cellseg.tracking.models import load_trained_model
 
     trained = load_trained_model(model, device=resolve_device(device), tracking_uri=tracking_uri)
-    if is_legacy(trained):
-        typer.echo(LEGACY_NOTE.format(uri=trained.uri, size=trained.size), err=True)
+    note = legacy_note(trained)
+    if note:
+        typer.echo(note, err=True)
     return trained
 
 
-def _check_device(device: str) -> None:
+def check_device(device: str) -> None:
     if device not in ("auto", "cpu", "cuda"):
         from cellseg.errors import ConfigError
 
@@ -86,8 +87,8 @@ def predict(
     """
     from cellseg.inference.predict import inference_factor, input_plan, iter_stacks, model_layout, predict_stacks
 
-    _check_device(device)
-    trained = _load(model, device, tracking_uri)
+    check_device(device)
+    trained = load_model(model, device, tracking_uri)
     plan = input_plan(trained, codes, strategy)
     factor = inference_factor(trained, tile, diameter)
     stacks = iter_stacks(images, model_layout(trained), plan)
@@ -132,12 +133,12 @@ def evaluate(
     from cellseg.inference.evaluate import log_evaluation
     from cellseg.inference.predict import inference_factor, input_plan
 
-    _check_device(device)
+    check_device(device)
     if not no_log:  # a store the evaluation cannot be logged to fails now, not after the work
         from cellseg.tracking.runs import check_tracking_uri, resolve_tracking_uri
 
         check_tracking_uri(resolve_tracking_uri(tracking_uri))
-    trained = _load(model, device, tracking_uri)
+    trained = load_model(model, device, tracking_uri)
     plan = input_plan(trained, codes, strategy)
     factor = inference_factor(trained, tile, diameter)
     result = run_evaluation(trained, data, out, plan, tile, overlap, batch_size, seed, overlays, factor,

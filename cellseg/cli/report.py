@@ -35,17 +35,13 @@ def transfer(
     0,0,0 → external 0,0,0; the in-focus brightfield 12 → 5; fluorescence 0,3,6: not applicable)
     """
     from cellseg.data.store import open_store
-    from cellseg.engine.session import resolve_device
+    from cellseg.cli.predict import check_device, load_model
     from cellseg.inference.evaluate import evaluate, log_evaluation
     from cellseg.inference.predict import inference_factor, input_plan
     from cellseg.inference.transfer import NotApplicable, plan_transfer, retarget, write_record
-    from cellseg.tracking.models import load_trained_model
 
-    if device not in ("auto", "cpu", "cuda"):
-        from cellseg.errors import ConfigError
-
-        raise ConfigError(f"--device {device}: expected auto, cpu or cuda")
-    trained = load_trained_model(model, device=resolve_device(device), tracking_uri=tracking_uri)
+    check_device(device)
+    trained = load_model(model, device, tracking_uri)
     inference_factor(trained, tile)  # a --tile the model's geometry contradicts: one line, before any work
     target = open_store(data).layout
     mapping = plan_transfer(trained.metadata, target)
@@ -57,7 +53,7 @@ def transfer(
         return
     typer.echo(f"codes {mapping.source_codes} on '{mapping.source_layout}' → {mapping.target_codes} on "
                f"'{mapping.target_layout}'")
-    retargeted = retarget(trained, target, mapping.target_codes)
+    retargeted = retarget(trained, target, mapping)
     plan = input_plan(retargeted)
     result = evaluate(retargeted, data, out, plan, tile, overlap, batch_size, seed)
     for row in result.summary.to_dict(orient="records"):

@@ -10,6 +10,7 @@ import typer
 
 from cellseg.cli.options import TrackingOptions, TrainingOptions, with_options
 from cellseg.errors import BadInputError, ConfigError
+from cellseg.run_folder import CONFIG_NAME
 
 RUN = "Run"
 
@@ -54,9 +55,9 @@ def train(
     if resume:
         if run_dir is None:
             raise ConfigError("--resume needs --run-dir (the run folder to continue)")
-        base = run_dir / "config.yaml"
+        base = run_dir / CONFIG_NAME
         if not base.is_file():
-            raise BadInputError(f"{run_dir}: not a run folder (no config.yaml); nothing to resume")
+            raise BadInputError(f"{run_dir}: not a run folder (no {CONFIG_NAME}); nothing to resume")
     config = tracking.apply(options.load(base))
     if register_as is not None:
         config = config.with_overrides({"tracking.register_as": register_as})
@@ -69,6 +70,7 @@ def train(
     from cellseg.engine.loop import fit
     from cellseg.engine.progress import ProgressCallback
     from cellseg.engine.session import resolve_device
+    from cellseg.tracking.models import model_resolver
     from cellseg.tracking.runs import MlflowCallback
 
     mlflow_cb = MlflowCallback(uri, config.tracking.experiment, register_as=config.tracking.register_as,
@@ -79,7 +81,7 @@ def train(
         if main:
             typer.echo(f"run folder {run_dir} · MLflow {uri}", err=True)
         result = fit(config, run_dir, resume=resume, init_from=init_from, callbacks=[mlflow_cb, ProgressCallback()],
-                     wait=wait)
+                     wait=wait, resolve=model_resolver(uri))
     if not main:
         return
     final = result.final

@@ -5,6 +5,9 @@ user files named by ``CELLSEG_CODES``), and ``code + 200`` adds channel dropout 
 ``resolve_codes`` checks a list of codes (or a strategy) against a layout once, before any
 training, and returns a ``CodePlan``; ``CodePlan.apply`` then builds whole batches as tensor ops
 on whatever device the data lives on, drawing all randomness from the generator it is given.
+A plan keeps each code resolved as a ``CodeRecord`` (operation, channel indices and names,
+dropout settings): a trained model stores these, and ``plan_from_records`` rebuilds its inputs from
+them alone, whatever the codes files say later.
 
 Every output channel is expressed the same way: a weighted sum of up to ``M`` gathered input
 channels, with weights drawn per sample (one-hot for channel/random, ``keep/len`` for a merge,
@@ -134,6 +137,29 @@ def parse_codes(text: str) -> list[int]:
     return codes
 
 
+class CodeRecord(BaseModel):
+    """One input channel's code resolved against the training layout, as a model records it: its
+    inputs then never depend on the codes files of the shell that uses it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    code: int
+    op: Op
+    channels: tuple[int, ...] = ()  # stack channel indices in the layout
+    channel_names: tuple[str, ...] = ()  # their names there
+    merge_dropout: Probability = False  # as in codes.yaml: true = the run's setting
+    channel_dropout: Probability = False  # the definition's own
+    dropout_code: bool = False  # code >= 200: also black with the run's channel_dropout
+
+    _probabilities = field_validator("merge_dropout", "channel_dropout")(_check_probability)
+
+    @model_validator(mode="after")
+    def _one_name_per_channel(self) -> CodeRecord:
+        if len(self.channels) != len(self.channel_names):
+            raise ValueError("channels and channel_names differ in length")
+        return self
+
+
 @dataclass(frozen=True)
 class ChannelRecipe:
     """How one input channel is built: ``op`` over stack channels ``sources``."""
@@ -149,7 +175,7 @@ class ChannelRecipe:
 class CodePlan:
     """Codes checked against a layout: what to read from a stack and how to combine it."""
 
-    codes: list[int]
+    records: tuple[CodeRecord, ...]
     recipes: tuple[ChannelRecipe, ...]
     layout: Layout
     strategy: str | None = None
@@ -161,8 +187,12 @@ class CodePlan:
         object.__setattr__(self, "needed_channels", needed)
 
     @property
+    def codes(self) -> list[int]:
+        return [r.code for r in self.records]
+
+    @property
     def in_channels(self) -> int:
-        return len(self.codes)
+        return len(self.records)
 
     @cached_property
     def _sources(self) -> list[np.ndarray]:
@@ -283,12 +313,9 @@ def _check_layout(kind: str, name: str | int, allowed: list[str] | None, layout:
         )
 
 
-def _recipe(
-    code: int, layout: Layout, book: dict[int, CodeDef], channel_dropout: float, merge_dropout: float
-) -> ChannelRecipe:
-    base, drop_p = code, 0.0
-    if DROPOUT_OFFSET <= code < 2 * DROPOUT_OFFSET:
-        base, drop_p = code - DROPOUT_OFFSET, channel_dropout
+def record_code(code: int, layout: Layout, book: dict[int, CodeDef]) -> CodeRecord:
+    """``code`` resolved against ``layout`` with the definitions in ``book``; ConfigError names a bad code."""
+    base = code - DROPOUT_OFFSET if DROPOUT_OFFSET <= code < 2 * DROPOUT_OFFSET else code
     if 0 <= base <= MAX_CHANNEL_CODE:
         definition = CodeDef(op="channel", channels=[base])
     elif base in book:
@@ -303,14 +330,61 @@ def _recipe(
         sources = tuple(layout.index_of(c) for c in definition.channels)
     except ConfigError as exc:
         raise ConfigError(f"loading code {code} cannot be used: {exc}") from None
-    own_drop = _probability(definition.channel_dropout, channel_dropout)
+    return CodeRecord(code=code, op=definition.op, channels=sources,
+                      channel_names=tuple(layout.channel_names[c] for c in sources),
+                      merge_dropout=definition.merge_dropout, channel_dropout=definition.channel_dropout,
+                      dropout_code=base != code)
+
+
+def record_codes(codes: list[int], layout: Layout) -> tuple[CodeRecord, ...]:
+    """``codes`` resolved against ``layout`` with today's definitions (codes.yaml and ``CELLSEG_CODES``)."""
+    book = load_codebook()
+    return tuple(record_code(c, layout, book) for c in codes)
+
+
+def load_records(raw: object, layout: Layout, source: str) -> tuple[CodeRecord, ...]:
+    """A recorded recipe (``CodeRecord`` dumps) checked against ``layout``; ConfigError names ``source``."""
+    if not isinstance(raw, list):
+        raise ConfigError(f"{source}: input recipe is not a list of loading codes")
+    try:
+        records = tuple(CodeRecord.model_validate(entry) for entry in raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: invalid input recipe ({validation_message(exc)})") from None
+    names = layout.channel_names
+    for record in records:
+        if any(not 0 <= c < len(names) or names[c] != n for c, n in zip(record.channels, record.channel_names)):
+            raise ConfigError(f"{source}: input recipe of code {record.code} names channels "
+                              f"{', '.join(record.channel_names)} that layout '{layout.name}' does not have there")
+    return records
+
+
+def _recipe(record: CodeRecord, channel_dropout: float, merge_dropout: float) -> ChannelRecipe:
+    run_drop = channel_dropout if record.dropout_code else 0.0
+    own_drop = _probability(record.channel_dropout, channel_dropout)
     return ChannelRecipe(
-        code=code,
-        op=definition.op,
-        sources=sources,
-        merge_p=_probability(definition.merge_dropout, merge_dropout),
-        drop_p=1.0 - (1.0 - drop_p) * (1.0 - own_drop),
+        code=record.code,
+        op=record.op,
+        sources=record.channels,
+        merge_p=_probability(record.merge_dropout, merge_dropout),
+        drop_p=1.0 - (1.0 - run_drop) * (1.0 - own_drop),
     )
+
+
+def plan_from_records(
+    records: tuple[CodeRecord, ...],
+    layout: Layout,
+    channel_dropout: float,
+    merge_dropout: float,
+    strategy: str | None = None,
+) -> CodePlan:
+    """The plan of resolved codes at the given run-level dropout (0 at inference)."""
+    for name, p in (("channel_dropout", channel_dropout), ("merge_dropout", merge_dropout)):
+        if not 0.0 <= p <= 1.0:
+            raise ConfigError(f"{name} must be in [0, 1], got {p}")
+    if not records:
+        raise ConfigError("no loading codes given: a model needs at least one input channel")
+    recipes = tuple(_recipe(r, channel_dropout, merge_dropout) for r in records)
+    return CodePlan(records=tuple(records), recipes=recipes, layout=layout, strategy=strategy)
 
 
 def resolve_codes(
@@ -322,9 +396,6 @@ def resolve_codes(
     """Check codes (a list, ``"100,12,103"`` or a strategy name) against a layout; ConfigError names the bad code."""
     if isinstance(layout, str):
         layout = load_layout(layout)
-    for name, p in (("channel_dropout", channel_dropout), ("merge_dropout", merge_dropout)):
-        if not 0.0 <= p <= 1.0:
-            raise ConfigError(f"{name} must be in [0, 1], got {p}")
     strategy = None
     if isinstance(codes_or_strategy, str):
         strategies = load_strategy_defs()
@@ -340,8 +411,4 @@ def resolve_codes(
             )
     else:
         codes = [int(c) for c in codes_or_strategy]
-    if not codes:
-        raise ConfigError("no loading codes given: a model needs at least one input channel")
-    book = load_codebook()
-    recipes = tuple(_recipe(c, layout, book, channel_dropout, merge_dropout) for c in codes)
-    return CodePlan(codes=codes, recipes=recipes, layout=layout, strategy=strategy)
+    return plan_from_records(record_codes(codes, layout), layout, channel_dropout, merge_dropout, strategy)

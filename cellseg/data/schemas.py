@@ -247,6 +247,30 @@ CELLS_SCHEMA = pa.DataFrameSchema(
 )
 
 
+# --- qc.csv (`cellseg data qc`): one row per store and channel, the medians over its stacks with cells
+# (definitions in cellseg/data/qc.py). A constant channel has no statistic but saturation (NaN elsewhere).
+
+QC_SCHEMA = pa.DataFrameSchema(
+    {
+        "store": pa.Column(str, pa.Check.str_length(min_value=1)),
+        "channel": pa.Column(str, pa.Check.str_length(min_value=1)),
+        "interior_contrast": pa.Column(float, pa.Check.ge(0.0), nullable=True),
+        "edge_contrast": pa.Column(float, pa.Check.ge(0.0), nullable=True),
+        "otsu_dice": pa.Column(float, pa.Check.in_range(0.0, 1.0), nullable=True),
+        "snr": pa.Column(float, pa.Check.ge(0.0), nullable=True),
+        "floor": pa.Column(float, pa.Check.in_range(0.0, 1.0), nullable=True),
+        "saturated": pa.Column(float, pa.Check.in_range(0.0, 1.0)),
+        "stacks": pa.Column(int, pa.Check.gt(0)),
+        "constant": pa.Column(bool),
+    },
+    unique=["store", "channel"],
+    strict=True,
+    ordered=True,
+    coerce=True,
+    name="qc",
+)
+
+
 # --- helpers ----------------------------------------------------------------------------------
 
 

@@ -7,6 +7,12 @@ image, readable by OME-Zarr viewers), a root ``channel_max`` array (N, C) so
 opening a store does not read N attribute files, ``manifest.csv`` and root attrs ``cellseg``
 with ``complete: true`` written last. The writer builds the store in a temporary folder and
 renames it into place, so a store either looks complete and is, or does not exist.
+
+Optional, for stores whose cells are known one by one: ``stacks/<key>/instances``, a label image (H, W)
+uint16 (uint32 beyond 65535 cells; 0 = background, one id per cell), in every stack, with the root
+attribute ``instances`` saying where the cells came from ("label images", or "connected components" of
+the masks). Stores without it (all stores written before it existed) simply have no instances; a
+stack's content hash covers its instances when it has them.
 """
 
 from __future__ import annotations
@@ -47,13 +53,17 @@ class StackRecord:
     image: np.ndarray
     mask: np.ndarray
     source: str = ""
+    instances: np.ndarray | None = None  # uint16/uint32 label image (H, W), when the cells are known
 
 
-def stack_hash(image: np.ndarray, mask: np.ndarray) -> str:
-    """sha256 of the image bytes then the mask bytes (C order): a stack's content identity."""
+def stack_hash(image: np.ndarray, mask: np.ndarray, instances: np.ndarray | None = None) -> str:
+    """sha256 of the image bytes then the mask bytes (then the instance labels' bytes, when the stack has
+    them) (C order): a stack's content identity."""
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(image).data)
     h.update(np.ascontiguousarray(mask).data)
+    if instances is not None:
+        h.update(np.ascontiguousarray(instances).data)
     return h.hexdigest()
 
 
@@ -91,6 +101,10 @@ def _check_record(rec: StackRecord, layout: Layout, classes: Sequence[str]) -> N
         raise BadInputError(f"{rec.id}: mask must be uint8 {img.shape[1:]}, got {mask.dtype} {mask.shape}")
     if mask.size and int(mask.max()) >= len(classes):
         raise BadInputError(f"{rec.id}: mask value {int(mask.max())} has no class ({len(classes)} classes)")
+    cells = rec.instances
+    if cells is not None and (cells.dtype not in (np.uint16, np.uint32) or cells.shape != mask.shape):
+        raise BadInputError(f"{rec.id}: instances must be uint16 or uint32 {mask.shape}, "
+                            f"got {cells.dtype} {cells.shape}")
 
 
 def write_store(
@@ -124,10 +138,15 @@ def write_store(
             mask = group.create_array("mask", shape=(h, w), chunks=(h, w), dtype="uint8",
                                       compressors=None, fill_value=0)
             mask[...] = rec.mask
+            if rec.instances is not None:
+                cells = group.create_array("instances", shape=(h, w), chunks=(h, w), dtype=rec.instances.dtype,
+                                           compressors=None, fill_value=0, dimension_names=("y", "x"))
+                cells[...] = rec.instances
             fg = float(np.count_nonzero(rec.mask)) / rec.mask.size
             rows.append({"id": rec.id, "key": key, "source": rec.source, "height": h, "width": w,
                          "channels": c, "layout": layout.name, "negative": fg == 0.0,
-                         "foreground_fraction": fg, "content_hash": stack_hash(rec.image, rec.mask)})
+                         "foreground_fraction": fg,
+                         "content_hash": stack_hash(rec.image, rec.mask, rec.instances)})
             maxima.append(cmax)
         if not rows:
             raise BadInputError(f"{out}: no stacks to write")
@@ -188,6 +207,7 @@ class Store:
             "height": [int(m["height"].min()), int(m["height"].max())],
             "width": [int(m["width"].min()), int(m["width"].max())],
             "content_hash": self.content_hash,
+            **({"instances": self.instances} if self.instances else {}),  # where its true cells came from
         }
 
     def index(self, stack_id: str) -> int:
@@ -225,6 +245,19 @@ class Store:
     def read_mask(self, i: int) -> np.ndarray:
         arr = self._array(int(i), "mask")
         return self._read_plain_chunk(int(i), "mask", arr, (0, 0)) if _plain_chunks(arr) else arr[...]
+
+    @property
+    def instances(self) -> str | None:
+        """Where the store's true cells came from ("label images", "connected components"), or None when
+        it keeps none (``read_instances`` then has nothing to read)."""
+        return self._meta.get("instances") or None
+
+    def read_instances(self, i: int) -> np.ndarray:
+        """The stack's label image (uint16/uint32 (H, W), 0 = background); only for a store with ``instances``."""
+        if not self.instances:
+            raise BadInputError(f"{self.path}: the store keeps no instance labels (ingest a folder with Instances/)")
+        arr = self._array(int(i), "instances")
+        return self._read_plain_chunk(int(i), "instances", arr, (0, 0)) if _plain_chunks(arr) else arr[...]
 
     def _chunk_file(self, i: int, name: str, arr: zarr.Array, coords: tuple[int, ...]) -> tuple[Path, str]:
         key = arr.metadata.encode_chunk_key(coords)
@@ -271,9 +304,14 @@ class Store:
         c, h, w = self.shape(i)
         if image.shape != (c, h, w) or mask.shape != (h, w):
             return f"arrays of shape {image.shape} and {mask.shape}, the manifest says {(c, h, w)}"
-        if _plain_chunks(image) and _plain_chunks(mask):
+        cells = self._array(i, "instances") if self.instances else None
+        if cells is not None and cells.shape != (h, w):
+            return f"instances of shape {cells.shape}, the manifest says {(h, w)}"
+        if _plain_chunks(image) and _plain_chunks(mask) and (cells is None or _plain_chunks(cells)):
             chunks = [(image, "image", (k, 0, 0), self.channel_max[i, k] > 0) for k in range(c)]
             chunks.append((mask, "mask", (0, 0), not self.manifest["negative"].iat[i]))
+            if cells is not None:
+                chunks.append((cells, "instances", (0, 0), not self.manifest["negative"].iat[i]))
             for arr, name, coords, written in chunks:
                 path, what = self._chunk_file(i, name, arr, coords)
                 want = math.prod(arr.chunks[-2:]) * arr.dtype.itemsize
@@ -285,8 +323,12 @@ class Store:
         else:  # arrays written by other tools: decoding every chunk is the check (raises if damaged)
             self.read_image(i)
             self.read_mask(i)
-        if deep and stack_hash(self.read_image(i), self.read_mask(i)) != self.manifest["content_hash"].iat[i]:
-            return "content differs from its hash in the manifest"
+            if cells is not None:
+                self.read_instances(i)
+        if deep:
+            truth = self.read_instances(i) if cells is not None else None
+            if stack_hash(self.read_image(i), self.read_mask(i), truth) != self.manifest["content_hash"].iat[i]:
+                return "content differs from its hash in the manifest"
         return None
 
 

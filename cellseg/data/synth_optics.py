@@ -1,15 +1,26 @@
 """Imaging of a synthetic scene: what each channel of a layout records.
 
-Fluorescence: a label's structure (cytoplasm fills the cell with a dimmer nucleus, membrane is a
-bright rim, mitochondria are puncta and ER a network over part of the cell, a nuclear label fills
-the nucleus) times a per-cell expression level (zero for cells that did not take up the label),
-blurred by the PSF. Polarisation channels split a label's emission by a per-cell anisotropy ``a``:
-parallel = total (1 + a) / 2, perpendicular = total (1 - a) / 2.
-Brightfield: the cell is a weak phase object; by the transport-of-intensity equation a plane at
-defocus z sees I = I0 (1 - z lambda / (2 pi) lap(phi)), blurred more the further from focus, so
-the in-focus plane shows only the faint absorption.
+Fluorescence: a label's structure (cytoplasm fills the cell with a dimmer nucleus; membrane is a
+bright rim over the top and bottom membranes seen face on; mitochondria are puncta and ER a network
+over part of the cell; a nuclear label fills the nucleus) times a per-cell expression level (zero
+for cells that did not take up the label), blurred by the PSF. Polarisation channels split a
+label's emission by a per-cell anisotropy ``a``: parallel = total (1 + a) / 2, perpendicular =
+total (1 - a) / 2.
+Brightfield: the cell is a nearly transparent weak object (phase of its thickness, nucleus and
+organelles; faint absorption), imaged with the linear contrast transfer of a defocused microscope
+under partially coherent illumination (see ``Optics.brightfield``): faint interiors, thin halos at
+the edges that swap sign through focus and soften far from it, almost nothing in focus.
 Camera: Poisson photon noise (normal approximation for bright pixels), Gaussian read noise,
 offset, uneven illumination, uint16.
+
+Calibration against the paper's own planes (Figure 1c of Cameron et al. 2021, the seed's
+``images/dataloader.png``: ten 197 x 236 px tiles at y 2060-2296; mask = the largest Otsu component
+of the cytoplasm tile's red channel, holes filled), with ``cellseg data qc``'s statistics
+(``cellseg/data/qc.py``; reproduced by tests/test_qc.py), as ``PAPER_PLANES``. The brightfield
+model's constants were set so that the synthetic trainer stacks at 96 px (12 cell stacks) land in
+the same regime — interior 0.007-0.046, edge 0.123-0.150 off focus and 0.036 in focus, Otsu Dice
+0.39-0.56, nothing clipped — while cytoplasm stays thresholdable (Otsu 0.87, membrane 0.64, dim
+perinuclear mitochondria 0.39).
 """
 
 from __future__ import annotations
@@ -22,19 +33,36 @@ from cellseg.data.synth_scene import Scene
 
 FLUORESCENCE_LABELS = ("cytoplasm", "membrane", "mitochondria", "er", "nucleus")
 
+# The paper's planes measured as the module docstring says: (interior contrast, edge contrast, Otsu Dice).
+PAPER_PLANES = {
+    "cytoplasm": (7.793, 5.300, 0.910),
+    "membrane": (3.699, 4.808, 0.679),
+    "mitochondria": (3.568, 1.904, 0.310),
+    "brightfield -10 um": (0.054, 0.168, 0.197),
+    "brightfield -5 um": (0.041, 0.158, 0.194),
+    "brightfield -3 um": (0.040, 0.128, 0.197),
+    "brightfield 0 um": (0.023, 0.079, 0.206),
+    "brightfield +3 um": (0.012, 0.181, 0.198),
+    "brightfield +5 um": (0.001, 0.192, 0.197),
+    "brightfield +10 um": (0.010, 0.165, 0.227),
+}
+
 UNLABELLED_FRACTION = 0.2  # chance that a cell shows no signal for a given label
 PSF_SIGMA_UM = 0.2
 EDGE_RISE_UM = 1.0  # distance over which a cell reaches full thickness
 MEMBRANE_WIDTH_UM = 0.4
+MEMBRANE_FACE_ON = 0.3  # widefield sees the top and bottom membranes face on, across the whole cell
 LABEL_PHOTONS = (np.log(800.0), 0.3)  # log-normal: a stack's peak photons per label
+LABEL_BRIGHTNESS = {"mitochondria": 0.4}  # dimmer than the others, as in the paper's panel (1 otherwise)
 EXPRESSION_SPREAD = 0.5  # log-normal sigma of per-cell expression
 ANISOTROPY = (0.05, 0.4)
 AUTOFLUORESCENCE_PHOTONS = (20.0, 60.0)
-ORGANELLE_REACH = (0.6, 1.2)  # organelles fill the cell up to this distance from the nucleus (cell radii)
-PHASE_RAD = (0.8, 1.6)  # a cell's optical path difference at full thickness
-ABSORPTION = 0.03
+ORGANELLE_REACH = (0.4, 0.9)  # organelles gather around the nucleus, up to this distance (cell radii): not the thin periphery
+PHASE_RAD = (1.2, 2.4)  # a cell's optical path difference at full thickness
+ABSORPTION = 0.01
 WAVELENGTH_UM = 0.55
-DEFOCUS_BLUR_PER_UM = 0.06  # added blur (um) per um of defocus
+CONDENSER_NA = 0.12  # spread of illumination angles: the higher, the faster defocus washes detail out
+BRIGHTFIELD_PAD_UM = 8.0
 BRIGHTFIELD_PHOTONS = (1500.0, 3000.0)
 CAMERA_OFFSET, READ_NOISE, GAIN = 100.0, 2.0, 1.0
 EXACT_POISSON_BELOW = 30.0
@@ -103,7 +131,7 @@ class Optics:
             if label == "cytoplasm":
                 s = self.thickness * (1.0 - 0.65 * self.nucleus_soft)
             elif label == "membrane":
-                s = np.exp(-(self.edt_um - self.px) / MEMBRANE_WIDTH_UM) * self.cell + 0.05 * self.thickness
+                s = np.exp(-(self.edt_um - self.px) / MEMBRANE_WIDTH_UM) * self.cell + MEMBRANE_FACE_ON * self.thickness
             elif label == "er":
                 s = self._organelles(punctate=False)
             else:  # nucleus: chromatin texture inside the nuclear envelope
@@ -116,7 +144,7 @@ class Optics:
     def _label_emission(self, label: str) -> tuple[np.ndarray, np.ndarray]:
         """(total, anisotropy-weighted) emitted photons of a label, blurred by the PSF."""
         if label not in self._labels:
-            peak = np.exp(self.rng.normal(*LABEL_PHOTONS))
+            peak = np.exp(self.rng.normal(*LABEL_PHOTONS)) * LABEL_BRIGHTNESS.get(label, 1.0)
             expression = np.exp(self.rng.normal(0.0, EXPRESSION_SPREAD, self.n))
             expression *= self.rng.random(self.n) >= UNLABELLED_FRACTION
             anisotropy = self.rng.uniform(*ANISOTROPY, self.n)
@@ -137,29 +165,40 @@ class Optics:
         return self._camera((signal + background) * self.fluorescence_field)
 
     # --- brightfield ------------------------------------------------------------------------------
-    def _brightfield_planes(self) -> tuple[np.ndarray, np.ndarray]:
-        """In-focus transmission and lap(phase) (rad / um^2), both at the PSF's blur.
-
-        Defocus blur is Gaussian and linear, so a plane at z is these two blurred further.
-        """
-        if "transmission" not in self._structures:
+    def _object_spectra(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """Fourier transforms of the absorption and phase maps, mirror-padded so the crop's borders
+        do not wrap around; and the pad width."""
+        if "phase_spectrum" not in self._structures:
             cell_phase = self._per_cell(self.rng.uniform(*PHASE_RAD, self.n))
             phase = cell_phase * (self.thickness + 0.35 * self.nucleus_soft * self.cell) + 0.4 * self.mitochondria
             phase += 0.8 * self.scene.debris
             absorption = ABSORPTION * self.thickness + 0.5 * self.scene.debris
-            sigma = PSF_SIGMA_UM / self.px
-            self._structures["transmission"] = ndimage.gaussian_filter(1.0 - absorption, sigma)
-            self._structures["phase_laplacian"] = ndimage.gaussian_laplace(phase, sigma) / self.px**2
+            pad = int(np.ceil(BRIGHTFIELD_PAD_UM / self.px))
+            self._structures["phase_spectrum"] = np.fft.rfft2(np.pad(phase, pad, mode="reflect"))
+            self._structures["absorption_spectrum"] = np.fft.rfft2(np.pad(absorption, pad, mode="reflect"))
             self.brightfield_photons = self.rng.uniform(*BRIGHTFIELD_PHOTONS)
-        return self._structures["transmission"], self._structures["phase_laplacian"]
+            self.brightfield_pad = pad
+        return self._structures["absorption_spectrum"], self._structures["phase_spectrum"], self.brightfield_pad
 
     def brightfield(self, z_um: float) -> np.ndarray:
-        transmission, laplacian = self._brightfield_planes()
-        contrast = transmission - z_um * WAVELENGTH_UM / (2 * np.pi) * laplacian  # transport of intensity
-        if z_um != 0:
-            contrast = ndimage.gaussian_filter(contrast, DEFOCUS_BLUR_PER_UM * abs(z_um) / self.px)
-        photons = self.brightfield_photons * self.brightfield_field * np.clip(contrast, 0.0, None)
-        return self._camera(photons)
+        """A weak object imaged at defocus z under partially coherent illumination (linear contrast).
+
+        Contrast(k) = -2 A(k) cos(chi) E(k) + 2 Phi(k) sin(chi) E(k), chi = pi lambda z |k|^2: phase
+        shows only out of focus, with the sign of z (halos swap from dark to bright through focus);
+        E = objective blur x condenser envelope exp(-(pi NA_c z |k|)^2): the illumination's spread
+        of angles washes fine detail out the further from focus, so far planes keep only soft halos
+        at the cell's edge, never a filled silhouette; nothing is clipped.
+        """
+        absorption, phase, pad = self._object_spectra()
+        padded = (self.scene.shape[0] + 2 * pad, self.scene.shape[1] + 2 * pad)
+        ky = np.fft.fftfreq(padded[0], d=self.px)[:, None]
+        kx = np.fft.rfftfreq(padded[1], d=self.px)[None, :]
+        k2 = (ky**2 + kx**2).astype(np.float32)
+        chi = np.pi * WAVELENGTH_UM * z_um * k2
+        envelope = np.exp(-2 * (np.pi * PSF_SIGMA_UM) ** 2 * k2 - (np.pi * CONDENSER_NA * z_um) ** 2 * k2)
+        spectrum = (-2 * absorption * np.cos(chi) + 2 * phase * np.sin(chi)) * envelope
+        contrast = np.fft.irfft2(spectrum, s=padded)[pad:pad + self.scene.shape[0], pad:pad + self.scene.shape[1]]
+        return self._camera(self.brightfield_photons * self.brightfield_field * (1.0 + contrast.astype(np.float32)))
 
     # --- camera -----------------------------------------------------------------------------------
     def _camera(self, photons: np.ndarray) -> np.ndarray:

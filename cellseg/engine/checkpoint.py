@@ -1,7 +1,7 @@
 """Checkpoints: everything needed to continue a run exactly where it stopped, written atomically.
 
 ``checkpoint_last.pt`` in the run folder holds (keys of the saved dict):
-``format``, ``metadata`` (the model metadata of CONTRACTS.md: codes, layout, classes, size, …),
+``format``, ``metadata`` (the model metadata of docs/contracts.md: codes, layout, classes, size, …),
 ``model`` (state dict, on the CPU), ``optimizer``/``scheduler`` (of the cycle in progress; None at the end of a cycle),
 ``cycles`` (list of {phase, epochs}), ``epoch`` (epochs completed), ``history`` (metric curves),
 ``rng`` (python, numpy, torch, cuda; ``rng_ranks`` the same for ranks 1.. of a distributed run of
@@ -21,8 +21,8 @@ import torch
 
 from cellseg.errors import BadInputError
 from cellseg.fileio import atomic_path
+from cellseg.run_folder import CHECKPOINT_NAME
 
-CHECKPOINT_NAME = "checkpoint_last.pt"
 FORMAT = 1
 
 

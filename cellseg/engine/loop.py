@@ -1,7 +1,8 @@
 """``fit``: the one training loop (train, tune, compare and sweep-ce all call it).
 
 Per epoch: train on augmented batches (one optimizer and one-cycle scheduler per cycle, stepped per
-batch), evaluate on the validation split, append to the history, write ``metrics.json``, write the
+batch), evaluate on the validation split (with ``val_ap_50`` when the store keeps its true cells:
+instance_validation.py), append to the history, write ``metrics.json``, write the
 checkpoint (every ``train.checkpoint_every`` epochs and at the end of each cycle), and only then
 call the callbacks — a failing logger or a pruner can never cost the checkpoint of that epoch.
 
@@ -32,6 +33,7 @@ from cellseg.data.codes import CodePlan
 from cellseg.data.split import Split
 from cellseg.engine import distributed
 from cellseg.engine.checkpoint import checkpoint_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from cellseg.engine.instance_validation import instance_metrics
 from cellseg.engine.restore import check_compatible, check_resume_config, load_initial_model
 from cellseg.engine.schedule import (
     Cycle,
@@ -42,13 +44,13 @@ from cellseg.engine.schedule import (
     plan_cycles,
     set_encoder_frozen,
 )
-from cellseg.engine.session import SPLIT_NAME, TrainingSession, seed_everything
+from cellseg.engine.session import TrainingSession, seed_everything
+from cellseg.engine.store_classes import adopt_store_classes
 from cellseg.errors import BadInputError, ConfigError
-from cellseg.fileio import remove_leftovers, write_text
+from cellseg.fileio import json_safe, remove_leftovers, write_text
 from cellseg.locks import hold
-
-CONFIG_NAME = "config.yaml"
-METRICS_NAME = "metrics.json"
+from cellseg.model.loading import Resolver
+from cellseg.run_folder import CONFIG_NAME, METRICS_NAME, SPLIT_NAME
 
 
 class Callback:
@@ -97,9 +99,11 @@ def fit(
     callbacks: Sequence[Any] = (),
     split: Split | None = None,
     wait: bool | None = None,
+    resolve: Resolver | None = None,
 ) -> FitResult:
     """Train per ``config`` in ``run_dir``; ``resume`` continues its checkpoint (see schedule.py for
-    a larger ``train.epochs``); ``init_from`` starts from an earlier model's weights.
+    a larger ``train.epochs``); ``init_from`` starts from an earlier model's weights (a model URI is
+    fetched by ``resolve``, e.g. ``cellseg.tracking.models.model_resolver()``).
 
     Rank 0 locks the run folder for the whole fit: a second process training into it at once (whose
     checkpoint would keep only one of two MLflow runs) stops with one line naming the first, or with
@@ -109,11 +113,12 @@ def fit(
         check_epochs(config)
     lock = hold(run_dir, "training in it", wait) if distributed.world().main else contextlib.nullcontext()
     with lock:
-        return _fit(config, run_dir, resume, init_from, callbacks, split)
+        return _fit(config, run_dir, resume, init_from, callbacks, split, resolve)
 
 
 def _fit(config: Config, run_dir: Path, resume: bool, init_from: str | Path | None, callbacks: Sequence[Any],
-         split: Split | None) -> FitResult:
+         split: Split | None, resolve: Resolver | None) -> FitResult:
+    config = adopt_store_classes(config)  # a store with a Boundary class trains a 3-class model
     checkpoint = _checkpoint_to_resume(run_dir, config, resume, init_from)
     session = TrainingSession(config, run_dir, split=split)
     check_split(session.split, config)
@@ -122,7 +127,7 @@ def _fit(config: Config, run_dir: Path, resume: bool, init_from: str | Path | No
     if checkpoint is not None:
         _check_same_data(checkpoint, session, run_dir)
     elif init_from is not None:
-        state, metadata = load_initial_model(init_from)
+        state, metadata = load_initial_model(init_from, resolve)
         check_compatible(metadata, init_from, session.plan.in_channels, config.model.encoder, config.model.num_classes)
         session.model.load_state_dict(state)
     started = [Cycle(**c) for c in checkpoint["cycles"]] if checkpoint else None
@@ -276,12 +281,13 @@ def _epoch(session: TrainingSession, cycle: Cycle, epoch: int, cycle_end: int, c
         "lr": lr,
         "train_loss": loss_sum / seen if seen else math.nan,
         **session.evaluate(),
+        **instance_metrics(session),  # val_ap_50 when the store keeps true cells
     }
     session.history.append(record)
     run_dir = session.run_dir
     main = session.world.main
     if main:
-        write_text(run_dir / METRICS_NAME, json.dumps(_json_safe(session.history), indent=1) + "\n")
+        write_text(run_dir / METRICS_NAME, json.dumps(json_safe(session.history), indent=1) + "\n")
     if (epoch + 1) % session.config.train.checkpoint_every == 0 or epoch + 1 == cycle_end:
         rngs = distributed.all_gather(rng_state())  # every rank's generators
         if main:
@@ -310,14 +316,3 @@ def _checkpoint_state(session: TrainingSession, epochs_done: int, callbacks: Seq
         "store_hash": session.store.content_hash,
         "config": session.config.to_dict(),
     }
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN (a class absent from validation) becomes null, so metrics.json is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value

@@ -4,18 +4,22 @@ Definitions follow the seed: pixel accuracy = correct / all pixels; background a
 = the recall of that class (correct pixels of the class / pixels of the class); Dice and IoU are
 for the cell class (index 1). A class absent from the validation set gives NaN, not a made-up
 number. The loss is the class-weighted mean over all pixels (not a mean of batch means).
-Everything is kept as sums (confusion counts, weighted loss and weight), so processes that each
-validate a shard of the stacks add them up and get the metrics of the whole set.
+
+The sums are torchmetrics states: the confusion counts (``MulticlassConfusionMatrix``) and the
+weighted loss and the weight (two ``SumMetric``, in float64). In a distributed run torchmetrics
+gathers and adds every process's states when ``compute`` is called (on every rank, as the loop
+does), so processes that each validate a shard of the stacks get the metrics of the whole set.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
-
-from cellseg.engine.distributed import all_reduce_sum
+from torchmetrics.aggregation import SumMetric
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 METRIC_NAMES = ("val_loss", "accuracy", "background_accuracy", "cell_accuracy", "dice", "iou")
 
@@ -26,32 +30,33 @@ class SegmentationMetrics:
     def __init__(self, loss_fn: nn.CrossEntropyLoss, num_classes: int, device: torch.device):
         self.loss_fn = loss_fn
         self.num_classes = num_classes
-        # confusion counts (truth-major), then the weighted loss sum and the weight sum
-        self.sums = torch.zeros(num_classes * num_classes + 2, dtype=torch.float64, device=device)
+        # rows: truth, columns: prediction; the inputs are the engine's own (no per-batch value check)
+        self.confusion = MulticlassConfusionMatrix(num_classes, validate_args=False).to(device)
+        # sum of weight × per-pixel loss, and of the weights; a NaN loss stays NaN ("disable"). Not
+        # MeanMetric(value, weight): with nan_strategy="disable" (torchmetrics 1.9) it drops the weights.
+        self.loss_sum = SumMetric(nan_strategy="disable").set_dtype(torch.float64).to(device)
+        self.weight_sum = SumMetric(nan_strategy="disable").set_dtype(torch.float64).to(device)
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
         logits = logits.float()
         per_pixel = nn.functional.cross_entropy(logits, target, reduction="none")
         weight = self.loss_fn.weight[target] if self.loss_fn.weight is not None else torch.ones_like(per_pixel)
-        k = self.num_classes
-        pairs = target.flatten() * k + logits.argmax(1).flatten()
-        self.sums[: k * k] += torch.bincount(pairs, minlength=k * k)
-        self.sums[k * k] += (per_pixel * weight).sum(dtype=torch.float64)
-        self.sums[k * k + 1] += weight.sum(dtype=torch.float64)
+        self.confusion.update(logits.argmax(1), target)
+        self.loss_sum.update(per_pixel * weight)
+        self.weight_sum.update(weight)
 
     @property
     def pixels(self) -> int:
         """Validation pixels seen by this process."""
-        k = self.num_classes
-        return int(self.sums[: k * k].sum())
+        return int(self.confusion.confmat.sum())
 
     def compute(self) -> dict[str, float]:
         """The metrics of everything seen, by all processes of a distributed run."""
-        k = self.num_classes
-        sums = all_reduce_sum(self.sums.clone()).cpu()
-        cm = sums[: k * k].view(k, k)  # rows: truth, columns: prediction
-        loss_sum, weight_sum = sums[k * k], sums[k * k + 1]
+        with warnings.catch_warnings():  # a rank without validation stacks still joins the sum
+            warnings.filterwarnings("ignore", message=r".*compute.* was called before the ``update``")
+            cm = self.confusion.compute().double().cpu()
+            loss_sum, weight_sum = self.loss_sum.compute(), self.weight_sum.compute()
         tp = cm.diag()
         truth = cm.sum(1)
         cell_tp, cell_fp, cell_fn = tp[1], cm[:, 1].sum() - tp[1], truth[1] - tp[1]

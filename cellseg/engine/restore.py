@@ -15,8 +15,8 @@ import torch
 from pydantic import ValidationError
 
 from cellseg.config import Config
-from cellseg.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from cellseg.errors import BadInputError, ConfigError, TrackingError
+from cellseg.errors import ConfigError, TrackingError
+from cellseg.model.loading import Resolver, load_trained_model
 
 RESUMABLE_KEYS = ("train.epochs", "train.device", "train.checkpoint_every", "data.store", "data.residency",
                   "data.num_workers")
@@ -47,19 +47,14 @@ def check_resume_config(saved: dict[str, Any], config: Config) -> None:
         )
 
 
-def load_initial_model(source: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state dict, metadata) of an earlier model: a run folder, a checkpoint file or an MLflow model."""
-    path = Path(str(source))
-    if (path / CHECKPOINT_NAME).is_file() or path.is_file():
-        checkpoint = load_checkpoint(path)
-        return checkpoint["model"], checkpoint["metadata"]
-    if path.is_dir() and not (path / "MLmodel").is_file():
-        raise BadInputError(f"--init-from {source}: no {CHECKPOINT_NAME} or MLflow model in that folder")
+def load_initial_model(source: str | Path, resolve: Resolver | None = None
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, metadata) of an earlier model: any source ``load_trained_model`` takes (a model URI
+    needs ``resolve``), its errors prefixed with ``--init-from``."""
     try:
-        from cellseg.tracking.models import load_trained_model
-    except ImportError:
-        raise TrackingError(f"--init-from {source}: loading MLflow models is not available in this install") from None
-    trained = load_trained_model(str(source))
+        trained = load_trained_model(source, resolve=resolve)
+    except TrackingError as exc:
+        raise TrackingError(f"--init-from {exc}") from None
     return trained.model.state_dict(), dict(trained.metadata)
 
 

@@ -33,9 +33,11 @@ from cellseg.engine.metrics import SegmentationMetrics
 from cellseg.errors import ConfigError
 from cellseg.model import build_model
 from cellseg.model.weights import describe_encoder_weights
+from cellseg.run_folder import SPLIT_NAME
 
-SPLIT_NAME = "split.json"
-INPUT_SCHEMA = 2  # 1: no record of geometry and normalisation (native tiles, per-channel maximum)
+# What a model records of its input: 1 no geometry or normalisation (native tiles, per-channel maximum),
+# 2 no input recipe (its codes resolved with the definitions of the day), 3 both.
+INPUT_SCHEMA = 3
 
 
 def resolve_device(name: str) -> torch.device:
@@ -205,14 +207,16 @@ class TrainingSession:
 
     def metadata(self) -> dict[str, Any]:
         """What a saved model needs to be used again (the MLflow model's metadata): its inputs'
-        loading codes, layout, pixel scale (``geometry``, with the training masks' median cell
-        diameter in native pixels) and intensity ``normalisation`` — inference repeats exactly these."""
+        loading codes and their ``recipe`` (each code resolved: operation, channels, dropout; so no
+        codes file is needed later), layout, pixel scale (``geometry``, with the training masks' median
+        cell diameter in native pixels) and intensity ``normalisation`` — inference repeats exactly these."""
         data = self.config.data
         return {
             "input_schema": INPUT_SCHEMA,
             "geometry": {**self.geometry.to_dict(), "cell_diameter": self.cell_diameter},
             "normalisation": self.normalisation.to_dict(),
             "codes": list(self.plan.codes),
+            "recipe": [r.model_dump(mode="json") for r in self.plan.records],
             "strategy": self.plan.strategy,
             "layout": self.store.layout.model_dump(mode="json"),
             "classes": list(self.store.classes),

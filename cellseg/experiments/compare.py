@@ -4,9 +4,9 @@ were held out.
 
 The split is made once (seeded by ``config.seed``) and saved as ``OUT/split.json``; every fit gets
 it. Replicate r (1-based) trains with seed ``config.seed + r - 1`` (weights, draws, augmentation).
-Runs live in ``OUT/runs/<strategy>-r<r>``; re-running the same command continues: finished runs are
-kept, interrupted ones resume from their checkpoint, and they stay children of the same MLflow parent
-run (found by its ``comparison`` tag). Each child is tagged ``comparison``, ``strategy`` and
+Runs live in ``OUT/runs/<strategy>-r<r>``; split, parent run (tagged ``comparison``) and resume are
+the runner's (cellseg.experiments.runner): re-running the same command continues — finished runs are
+kept, interrupted ones resume from their checkpoint, under the same MLflow parent run. Each child is tagged ``comparison``, ``strategy`` and
 ``replicate``, so the MLflow UI can filter and compare them. Outputs: ``OUT/compare_runs.csv`` (one
 row per run and epoch), ``OUT/compare.csv`` (mean ± sd of the final metrics per strategy, n),
 ``OUT/compare.png`` (accuracy vs epoch, mean with a ±sd band; final accuracy bars with sd error
@@ -15,9 +15,7 @@ bars), all validated/logged on the parent run.
 
 from __future__ import annotations
 
-import hashlib
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,18 +31,14 @@ from cellseg.data.schemas import (
     COMPARE_SUMMARY_SCHEMA,
     validate,
 )
-from cellseg.data.split import Split, make_split
-from cellseg.engine.checkpoint import checkpoint_path
-from cellseg.errors import BadInputError, ConfigError
-from cellseg.experiments.inputs import check_inputs
-from cellseg.experiments.progress import RunsProgress
+from cellseg.data.split import Split
+from cellseg.errors import ConfigError
+from cellseg.experiments.runner import default_name, experiment, plan
 from cellseg.fileio import write_text
 from cellseg.plots import save_figure
-from cellseg.tracking.runs import check_tracking_uri, resolve_tracking_uri
 
 KIND = "compare"
 METRICS = ("accuracy", "background_accuracy", "cell_accuracy", "dice", "iou", "val_loss")
-SPLIT_NAME = "split.json"
 PER_RUN_KEYS = ("seed", "data.strategy", "data.codes")  # set per child run, not by the base config
 
 
@@ -72,60 +66,40 @@ def compare(
     ``name`` identifies the comparison in MLflow (default: ``default_name(out)``);
     ``log_models`` logs each run's model to its child run (large: off by default; the checkpoints
     in the run folders load with ``load_trained_model`` either way)."""
-    from cellseg.engine.loop import check_epochs, fit
-    from cellseg.tracking.studies import shared_run_id, tracked_run
-
     out = Path(out)
     strategies = _check_strategies(strategies)
-    store = check_inputs([_run_config(config, s, 1) for s in strategies])  # before the first hour of training
     if replicates < 1:
         raise ConfigError(f"--replicates {replicates}: must be at least 1")
-    check_epochs(config)
+    planned = plan([_run_config(config, s, 1) for s in strategies], out, "use a new --out")
     name = name or default_name(out)
-    check_tracking_uri(resolve_tracking_uri(config.tracking.uri))  # an unreachable server: fail now
-    split = _the_split(out, store, config)
-    uri, experiment = config.tracking.uri, config.tracking.experiment
-    parent_id = shared_run_id(name, KIND, "comparison", uri, experiment)
+    params = {"strategies": ",".join(strategies), "replicates": replicates,
+              "seeds": ",".join(str(config.seed + r) for r in range(replicates)),
+              **{k: v for k, v in config.flat().items() if k not in PER_RUN_KEYS}}
+    runs = [(s, r) for s in strategies for r in range(1, replicates + 1)]
     records: list[dict[str, Any]] = []
-    with tracked_run(name, KIND, uri, experiment, run_id=parent_id) as parent:
-        parent.log_params({"strategies": ",".join(strategies), "replicates": replicates,
-                           "seeds": ",".join(str(config.seed + r) for r in range(replicates)),
-                           "split.train": len(split.train), "split.val": len(split.val),
-                           "store.content_hash": store.content_hash,
-                           **{k: v for k, v in config.flat().items() if k not in PER_RUN_KEYS}})
-        parent.log_artifacts([out / SPLIT_NAME])
-        runs = [(s, r) for s in strategies for r in range(1, replicates + 1)]
-        with RunsProgress(len(runs), "runs", enabled=show_progress) as progress:
-            for strategy, replicate in runs:
-                run_config = _run_config(config, strategy, replicate)
-                run_dir = out / "runs" / f"{strategy}-r{replicate}"
-                child = parent.child_callback({"comparison": name, "replicate": replicate},
-                                              run_name=f"{strategy}-r{replicate}", register=False,
-                                              log_model=log_models)
-                result = fit(run_config, run_dir, resume=checkpoint_path(run_dir).is_file(), split=split,
-                             callbacks=[child, progress.epochs()])
-                records += _records(result.history, strategy, replicate, run_config.seed, run_dir, child.run_id)
-                progress.done(_line(strategy, replicate, result.final))
+    with experiment(planned, KIND, "comparison", name, len(runs), "runs", params,
+                    show_progress=show_progress) as runner:
+        for strategy, replicate in runs:
+            run_config = _run_config(config, strategy, replicate)
+            run_dir = out / "runs" / f"{strategy}-r{replicate}"
+            child = runner.child(f"{strategy}-r{replicate}", {"replicate": replicate}, log_model=log_models)
+            result = runner.fit(run_config, run_dir, child)
+            records += _records(result.history, strategy, replicate, run_config.seed, run_dir, child.run_id)
+            runner.done(_line(strategy, replicate, result.final))
         runs_table = validate(pd.DataFrame(records, columns=COMPARE_RUNS_COLUMNS), COMPARE_RUNS_SCHEMA,
                               out / "compare_runs.csv")
         summary = validate(summary_table(runs_table, strategies), COMPARE_SUMMARY_SCHEMA, out / "compare.csv")
         write_text(out / "compare_runs.csv", runs_table.to_csv(index=False))
         write_text(out / "compare.csv", summary.to_csv(index=False))
         figure = save_figure(comparison_figure(runs_table, summary), out / "compare.png")
+        parent = runner.parent
         parent.log_artifacts([out / "compare.csv", out / "compare_runs.csv", figure])
         for row in summary.itertuples():
             parent.log_metrics({f"{row.strategy}.accuracy_mean": row.accuracy_mean,
                                 **({f"{row.strategy}.accuracy_sd": row.accuracy_sd}
                                    if math.isfinite(row.accuracy_sd) else {})})
-    return CompareResult(summary=summary, runs=runs_table, out=out, figure=figure, parent_run_id=parent_id,
-                         split=split)
-
-
-def default_name(out: Path) -> str:
-    """``<folder name>-<6 hex of its absolute path>``: re-running into the same folder continues the
-    same MLflow parent run, and two folders both called ``compare`` do not share one."""
-    folder = out.resolve()
-    return f"{re.sub(r'[^A-Za-z0-9._-]+', '-', folder.name)}-{hashlib.sha1(str(folder).encode()).hexdigest()[:6]}"
+    return CompareResult(summary=summary, runs=runs_table, out=out, figure=figure, parent_run_id=parent.run_id,
+                         split=planned.split)
 
 
 def _check_strategies(strategies: Sequence[str]) -> list[str]:
@@ -137,25 +111,6 @@ def _check_strategies(strategies: Sequence[str]) -> list[str]:
     if twice:
         raise ConfigError(f"--strategies: {', '.join(twice)} given more than once")
     return strategies
-
-
-def _the_split(out: Path, store, config: Config) -> Split:
-    """``OUT/split.json`` when continuing a comparison (it must be of this store), else a new one —
-    checked before it is saved and before the parent run opens: a split with nothing to validate on
-    is no comparison."""
-    from cellseg.engine.loop import check_split
-
-    path = out / SPLIT_NAME
-    if path.is_file():
-        split = Split.load(path)
-        if split.content_hash not in (None, store.content_hash):
-            raise BadInputError(f"{path}: made for another version of the data than {config.data.store} "
-                                "(content hash differs); use a new --out")
-        return split
-    split = make_split(store, config.data.val_fraction, config.seed)
-    check_split(split, config)
-    split.save(path)
-    return split
 
 
 def _run_config(config: Config, strategy: str, replicate: int) -> Config:

@@ -39,12 +39,12 @@ import torch
 
 from cellseg.config import Config
 from cellseg.engine.checkpoint import rng_state, set_rng_state
-from cellseg.engine.loop import _json_safe  # NaN -> null, as metrics.json
 from cellseg.engine.schedule import Cycle, make_optimizer, peak_lrs, set_encoder_frozen
 from cellseg.engine.session import TrainingSession
 from cellseg.errors import ConfigError
 from cellseg.experiments.inputs import check_inputs
-from cellseg.fileio import write_text
+from cellseg.experiments.progress import RunsProgress
+from cellseg.fileio import json_safe, write_text
 
 START_LR, END_LR, STEPS = 1e-7, 10.0, 100
 DIVERGE = 4.0
@@ -275,19 +275,20 @@ def lr_find(
     settings = {"start_lr": start_lr, "end_lr": end_lr, "steps": steps, "phase": "unfrozen" if unfrozen else "frozen",
                 "rule": rule, "rule_text": RULES[rule], "diverge": DIVERGE, "beta": BETA}
     curves = []
-    with _Progress(progress, len(configs) * steps) as bar:
+    with RunsProgress(len(configs), "lr-find", enabled=progress) as bar:
         for cfg in configs:
             session = TrainingSession(cfg, out)
             if init_from is not None:
                 _load_initial(session, init_from)
-            bar.describe(session.plan.strategy or "custom")
-            curves.append(find_lr(session, start_lr, end_lr, steps, unfrozen, rule=rule, on_step=bar.step))
-            bar.finish_part(steps, _summary(curves[-1]))
+            bar.start_part(session.plan.strategy or "custom", steps)
+            curves.append(find_lr(session, start_lr, end_lr, steps, unfrozen, rule=rule,
+                                  on_step=lambda i, lr, loss: bar.step(i + 1, f"lr {lr:.1e} loss {loss:.4f}")))
+            bar.done(_summary(curves[-1]))
             del session
             gc.collect()
     png = save_figure(lr_finder([c.to_dict() for c in curves], RULES[rule]), out / PNG_NAME)
     document = {**settings, "config": config.to_dict(), "curves": {c.strategy: c.to_dict() for c in curves}}
-    json_path = write_text(out / JSON_NAME, json.dumps(_json_safe(document), indent=1) + "\n")
+    json_path = write_text(out / JSON_NAME, json.dumps(json_safe(document), indent=1) + "\n")
     run_id = None
     if track:  # one run for the whole sweep, opened once there is something to log
         from cellseg.tracking.studies import tracked_run
@@ -303,8 +304,9 @@ def lr_find(
 
 def _load_initial(session: TrainingSession, source: str | Path) -> None:
     from cellseg.engine.restore import check_compatible, load_initial_model
+    from cellseg.tracking.models import model_resolver
 
-    state, metadata = load_initial_model(source)
+    state, metadata = load_initial_model(source, model_resolver(session.config.tracking.uri))
     cfg = session.config
     check_compatible(metadata, source, session.plan.in_channels, cfg.model.encoder, cfg.model.num_classes)
     session.model.load_state_dict(state)
@@ -313,43 +315,3 @@ def _load_initial(session: TrainingSession, source: str | Path) -> None:
 def _summary(curve: LrCurve) -> str:
     shown = f"{curve.suggestion:.2e}" if curve.suggestion else "none"
     return f"{curve.strategy}: suggested lr {shown} ({curve.rule}; {len(curve.lrs)} steps, {curve.stopped})"
-
-
-class _Progress:
-    """A rich bar over all steps on a terminal; one line per strategy either way (stderr)."""
-
-    def __init__(self, enabled: bool, total: int):
-        from rich.console import Console
-
-        self.console = Console(stderr=True)
-        self.enabled, self.total, self.bar, self.done = enabled, total, None, 0
-
-    def __enter__(self) -> _Progress:
-        if self.enabled and self.console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=self.console)
-            self.bar.start()
-            self.task = self.bar.add_task("lr-find", total=self.total, info="")
-        return self
-
-    def describe(self, name: str) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, description=name)
-
-    def step(self, i: int, lr: float, loss: float) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=self.done + i + 1, info=f"lr {lr:.1e} loss {loss:.4f}")
-
-    def finish_part(self, steps: int, line: str) -> None:
-        self.done += steps
-        if self.bar is not None:
-            self.bar.update(self.task, completed=self.done)
-            self.bar.console.print(line)
-        elif self.enabled:
-            print(line, file=self.console.file, flush=True)
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.stop()

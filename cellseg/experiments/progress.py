@@ -1,7 +1,8 @@
-"""Progress of an experiment made of many fits (tune trials, compare runs): one line per finished
-fit, always, and on a terminal a rich bar over the fits plus one over the epochs of the fit in
-progress. (One live display at a time: the fits themselves get ``epochs()``, not the engine's
-per-fit ``ProgressCallback``.)"""
+"""Progress of an experiment made of parts (the fits of tune, compare and sweep-ce; the sweeps of
+lr-find): one line per finished part, always, and on a terminal a rich bar over the parts plus one
+over the steps of the part in progress. It is also the engine callback moving that second bar over
+a fit's epochs (one live display at a time: the fits get this, not the engine's per-fit
+``ProgressCallback``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class RunsProgress:
-    """``with RunsProgress(total, "trials") as progress: fit(..., callbacks=[progress.epochs()]); progress.done(line)``;
+    """``with RunsProgress(total, "trials") as progress: fit(..., callbacks=[progress]); progress.done(line)``;
     ``enabled=False`` shows nothing (a notebook or test that wants silence)."""
 
     def __init__(self, total: int, what: str, console: Console | None = None, enabled: bool = True):
@@ -27,8 +28,8 @@ class RunsProgress:
                 TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=self.console,
             )
             self.progress.start()
-            self.runs_task = self.progress.add_task(self.what, total=self.total, info="")
-            self.epochs_task = self.progress.add_task("epochs", total=None, info="")
+            self.parts_task = self.progress.add_task(self.what, total=self.total, info="")
+            self.steps_task = self.progress.add_task("", total=None, info="")
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -36,31 +37,28 @@ class RunsProgress:
             self.progress.stop()
             self.progress = None
 
+    def start_part(self, description: str, steps: int, completed: int = 0) -> None:
+        """A part of ``steps`` steps begins (``completed`` of them done before, e.g. a resumed fit)."""
+        if self.progress is not None:
+            self.progress.reset(self.steps_task, total=steps, completed=completed, description=description, info="")
+
+    def step(self, completed: int, info: str = "") -> None:
+        if self.progress is not None:
+            self.progress.update(self.steps_task, completed=completed, info=info)
+
     def done(self, line: str) -> None:
-        """A fit finished (or was pruned or failed): print its line and advance the bar."""
+        """A part finished (or was pruned or failed): print its line and advance the bar."""
         if self.progress is None:
             if self.enabled:
                 print(line, file=self.console.file, flush=True)
             return
         self.progress.console.print(line)
-        self.progress.advance(self.runs_task)
+        self.progress.advance(self.parts_task)
 
-    def epochs(self) -> _EpochsCallback:
-        """Engine callback moving the epoch bar of the fit in progress."""
-        return _EpochsCallback(self)
-
-
-class _EpochsCallback:
-    def __init__(self, owner: RunsProgress):
-        self.owner = owner
-
+    # engine callback: the steps of a fit are its epochs
     def on_fit_start(self, session) -> None:
-        if self.owner.progress is not None:
-            total = sum(c.epochs for c in session.cycles)
-            self.owner.progress.reset(self.owner.epochs_task, total=total, completed=session.start_epoch,
-                                      description=f"epochs ({session.run_dir.name})", info="")
+        self.start_part(f"epochs ({session.run_dir.name})", sum(c.epochs for c in session.cycles),
+                        session.start_epoch)
 
     def on_epoch_end(self, session, epoch: int, metrics: dict[str, Any]) -> None:
-        if self.owner.progress is not None:
-            self.owner.progress.update(self.owner.epochs_task, completed=epoch,
-                                       info=f"val accuracy {metrics.get('accuracy', float('nan')):.4f}")
+        self.step(epoch, f"val accuracy {metrics.get('accuracy', float('nan')):.4f}")

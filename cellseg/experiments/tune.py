@@ -21,6 +21,8 @@ and merge dropout), every trial one ``fit`` of the engine.
 - **Pruning**: each epoch's validation value is reported to a MedianPruner (no pruning during the
   frozen phase nor before 5 trials completed); a pruned fit raises ``optuna.TrialPruned`` from the
   engine callback, after its checkpoint and metrics of that epoch were written.
+- **Split, parent run, progress** are the runner's (cellseg.experiments.runner): every trial trains
+  on ``RUNS_DIR/split.json``, refused once the store's content changed (a new ``--study`` then).
 - **MLflow**: one parent run per study (found again by its ``study`` tag, so every invocation and
   every worker shares it); each trial a child run tagged ``study``, ``trial``, ``strategy`` and
   ``param.*``; the parent gets the objective per trial, the trials table, the optimisation-history
@@ -44,14 +46,11 @@ from pathlib import Path
 from typing import Any
 
 from cellseg.config import Config
-from cellseg.data.split import make_split
 from cellseg.engine.checkpoint import checkpoint_path
-from cellseg.engine.loop import check_epochs, check_split, fit
-from cellseg.errors import CellsegError, ConfigError, TrackingError
-from cellseg.experiments.inputs import check_inputs
-from cellseg.experiments.progress import RunsProgress
+from cellseg.errors import CellsegError, ConfigError, TrackingError, one_line
+from cellseg.experiments.runner import Runner, experiment, plan
 from cellseg.fileio import write_text
-from cellseg.tracking.runs import _one_line, check_tracking_uri, redact, resolve_tracking_uri
+from cellseg.tracking.runs import redact
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +136,6 @@ def tune(
     config to ``out``; trial run folders go to ``runs_dir`` (default ``runs/tune/<study>``)."""
     import optuna
 
-    from cellseg.tracking.studies import shared_run_id, tracked_run
-
     if not NAME.match(study):
         raise ConfigError(f"--study {study!r}: use letters, digits, '.', '_' or '-' (it names a folder)")
     if trials < 1:
@@ -147,15 +144,11 @@ def tune(
         raise ConfigError(f"--heartbeat {heartbeat}: must be at least 1 second")
     storage = storage or DEFAULT_STORAGE
     # Everything that can be checked before a study, a journal file or a run exists:
-    store = check_inputs([config])
-    check_epochs(config)
-    split = make_split(store, config.data.val_fraction, config.seed)  # one split for every trial
-    check_split(split, config)
     given = {"objective": objective, "lr_range": lr_range, "ratio_range": ratio_range,
              "tune_dropout": tune_dropout, "sampler_seed": sampler_seed}
     _new_settings(given, config)
-    check_tracking_uri(resolve_tracking_uri(config.tracking.uri))  # an unreachable server: fail now
     runs_dir = Path(runs_dir or Path("runs") / "tune" / study)
+    planned = plan([config], runs_dir, "use a new --study (or --runs-dir)")  # one split for every trial
     with _optuna_quiet():
         backend = open_storage(storage, heartbeat)
         settings = _study_settings(backend, study, given, config)
@@ -167,22 +160,16 @@ def tune(
         optuna_study = optuna.load_study(study_name=study, storage=backend, sampler=sampler, pruner=pruner)
     _check_fixed(optuna_study, config, settings, study)
 
-    uri, experiment = config.tracking.uri, config.tracking.experiment
-    parent_id = shared_run_id(study, KIND, "study", uri, experiment)
-    with tracked_run(study, KIND, uri, experiment, run_id=parent_id) as parent:
-        optuna_study.set_user_attr("mlflow_parent_run_id", parent.run_id)
-        parent.log_params({"objective": settings.objective, "direction": settings.direction,
-                           "lr_range": settings.lr_range, "ratio_range": settings.ratio_range,
-                           "tune_dropout": settings.tune_dropout, "sampler_seed": settings.sampler_seed,
-                           "storage": redact(storage),
-                           "strategy": config.data.strategy if config.data.codes is None else "custom",
-                           "store.content_hash": store.content_hash})
-        with RunsProgress(trials, "trials", enabled=show_progress) as progress:
-            objective_fn = _Objective(config, settings, split, runs_dir, parent, study, progress)
-            with _optuna_quiet():
-                optuna_study.optimize(objective_fn, n_trials=trials, callbacks=[_Report(settings, parent, progress)],
-                                      catch=())
-        result = _finish(optuna_study, settings, study, storage, Path(out), runs_dir, parent)
+    params = {"objective": settings.objective, "direction": settings.direction, "lr_range": settings.lr_range,
+              "ratio_range": settings.ratio_range, "tune_dropout": settings.tune_dropout,
+              "sampler_seed": settings.sampler_seed, "storage": redact(storage),
+              "strategy": config.data.strategy if config.data.codes is None else "custom"}
+    with experiment(planned, KIND, "study", study, trials, "trials", params, show_progress=show_progress) as runner:
+        optuna_study.set_user_attr("mlflow_parent_run_id", runner.parent.run_id)
+        with _optuna_quiet():
+            optuna_study.optimize(_Objective(config, settings, runs_dir, runner), n_trials=trials,
+                                  callbacks=[_Report(settings, runner)], catch=())
+        result = _finish(optuna_study, settings, study, storage, Path(out), runs_dir, runner.parent)
     if isinstance(result, str):
         raise CellsegError(result)
     return result
@@ -218,10 +205,10 @@ def open_storage(url: str, heartbeat: int = HEARTBEAT_S):
             # loser sees "already exists"/a duplicate key and finds the tables there on a retry.
             if attempt == TABLE_RACE_RETRIES:
                 raise TrackingError(f"--storage {redact(url)}: cannot set up the study database "
-                                    f"({_one_line(exc)})") from None
+                                    f"({one_line(exc)})") from None
             time.sleep(0.5 + attempt)
         except Exception as exc:  # noqa: BLE001 — SQLAlchemy/driver errors: the user needs one line
-            raise TrackingError(f"--storage {redact(url)}: cannot open the study database ({_one_line(exc)})") from None
+            raise TrackingError(f"--storage {redact(url)}: cannot open the study database ({one_line(exc)})") from None
 
 
 # --- study set-up ------------------------------------------------------------------------------
@@ -286,12 +273,11 @@ def _join(storage, study: str) -> int:
 
 
 class _Objective:
-    """One trial = one fit in ``runs_dir/trial-<n>``, a child run of the study's parent run."""
+    """One trial = one fit in ``runs_dir/trial-<n>``, a child run of the study's parent run; the retry
+    of a killed trial continues the dead trial's run folder (the runner resumes its checkpoint)."""
 
-    def __init__(self, config: Config, settings: StudySettings, split, runs_dir: Path, parent, study: str,
-                 progress: RunsProgress):
-        self.config, self.settings, self.split = config, settings, split
-        self.runs_dir, self.parent, self.study, self.progress = runs_dir, parent, study, progress
+    def __init__(self, config: Config, settings: StudySettings, runs_dir: Path, runner: Runner):
+        self.config, self.settings, self.runs_dir, self.runner = config, settings, runs_dir, runner
 
     def __call__(self, trial) -> float:
         overrides = self.settings.suggest(trial, self.config.model.num_classes)
@@ -302,15 +288,11 @@ class _Objective:
         run_dir = killed_run or self.runs_dir / f"trial-{trial.number}"
         trial.set_user_attr("config", config.to_dict())
         trial.set_user_attr("run_dir", str(run_dir.resolve()))
-        tags = {"study": self.study, "trial": trial.number,
-                **({"retry_of": retry_of} if retry_of is not None else {}),
+        tags = {"trial": trial.number, **({"retry_of": retry_of} if retry_of is not None else {}),
                 **{f"param.{k}": _fmt(v) for k, v in trial.params.items()}}
-        mlflow_cb = self.parent.child_callback(tags, run_name=f"trial-{trial.number}", register=False,
-                                               log_model=False)
-        # Pruning last: the epoch is logged before a prune stops the fit.
-        callbacks = [mlflow_cb, self.progress.epochs(), _Pruning(trial, self.settings.objective)]
-        try:
-            result = fit(config, run_dir, resume=killed_run is not None, callbacks=callbacks, split=self.split)
+        mlflow_cb = self.runner.child(f"trial-{trial.number}", tags)
+        try:  # pruning comes after the runner's callbacks: the epoch is logged before a prune stops the fit
+            result = self.runner.fit(config, run_dir, mlflow_cb, [_Pruning(trial, self.settings.objective)])
         finally:
             if mlflow_cb.run_id:
                 trial.set_user_attr("mlflow_run_id", mlflow_cb.run_id)
@@ -357,8 +339,8 @@ class _Pruning:
 class _Report:
     """Optuna callback after each trial of this process: one line, the bar, the parent's metrics."""
 
-    def __init__(self, settings: StudySettings, parent, progress: RunsProgress):
-        self.settings, self.parent, self.progress = settings, parent, progress
+    def __init__(self, settings: StudySettings, runner: Runner):
+        self.settings, self.runner = settings, runner
 
     def __call__(self, study, trial) -> None:
         objective = self.settings.objective
@@ -378,11 +360,11 @@ class _Report:
         retry_of = trial.system_attrs.get("failed_trial")
         retried = f" · retry of trial {retry_of}" if retry_of is not None else ""
         line = f"trial {trial.number} {state} {what} · {params} · {seconds:.0f} s{retried}{best_text}"
-        self.progress.done(line)
+        self.runner.done(line)
 
     def _log(self, metrics: dict[str, float], step: int) -> None:
         try:
-            self.parent.log_metrics(metrics, step=step)
+            self.runner.parent.log_metrics(metrics, step=step)
         except TrackingError as exc:  # tracking trouble must not stop the study
             log.warning("%s; the study continues", exc)
 

@@ -1,7 +1,7 @@
 """Evaluate a trained model on an ingested store: per-stack and pooled metrics, as files and in MLflow.
 
 Each stack is segmented whole, exactly as ``cellseg predict`` does it (the model's pixel scale,
-normalisation and codes, blended windows, probabilities at native pixels), and scored with the training engine's own metrics (``SegmentationMetrics``), so the numbers
+normalisation and recorded input recipe, blended windows, probabilities at native pixels), and scored with the training engine's own metrics (``SegmentationMetrics``), so the numbers
 mean the same as the validation curves. The summary pools pixels over all stacks, over stacks with
 cells and over cell-free controls (where only background accuracy is defined). For a model with a Cell
 class the predicted cells (instances.py) are also matched to true cells (instance_metrics.py): the
@@ -34,6 +34,7 @@ from cellseg.data.readers import read_label_image
 from cellseg.data.store import open_store
 from cellseg.engine.metrics import SegmentationMetrics
 from cellseg.errors import BadInputError
+from cellseg.errors import tracking_errors as mlflow_errors
 from cellseg.fileio import write_text
 from cellseg.inference.instance_metrics import Matching, match, scores
 from cellseg.inference.instances import boundary_class, cell_class, cell_diameter, instances_from_probabilities
@@ -45,7 +46,8 @@ from cellseg.inference.predict import (
     store_stacks,
     write_png,
 )
-from cellseg.tracking.models import TrainedModel, mlflow_errors, use_tracking_uri
+from cellseg.model.loading import TrainedModel
+from cellseg.tracking.models import use_tracking_uri
 from cellseg.tracking.runs import source_tags
 from cellseg.visualize import overlay
 

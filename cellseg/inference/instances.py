@@ -20,7 +20,7 @@ from scipy import ndimage
 
 from cellseg.errors import ConfigError
 from cellseg.fileio import atomic_path
-from cellseg.tracking.models import TrainedModel
+from cellseg.model.loading import TrainedModel
 
 CELL = "cell"
 BOUNDARY = "boundary"

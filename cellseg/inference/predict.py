@@ -1,11 +1,13 @@
 """Whole-image prediction: stacks in (TIFF files or a Zarr store), label masks and previews out.
 
 The model input is built exactly as in training, from the model's own record: the stack channels
-the loading codes need, each normalised by its intensity range over the native image (intensity.py),
+its input recipe needs (each loading code as resolved at training, see codes.py: no codes file is
+read), each normalised by its intensity range over the native image (intensity.py),
 brought to the pixel scale the model was trained at (geometry.py: the whole stack resized, or native
 pixels x scale in sliding windows), combined by the code plan; the class probabilities are mapped
-back to the native pixels. A model saved before that record existed (input schema 1) is used as it
-was then: native-pixel tiles, per-channel maximum. Inference rule for codes
+back to the native pixels. A model saved before those records existed is used as it was then
+(input schema 1: native-pixel tiles, per-channel maximum) with its codes as defined today
+(schemas 1 and 2), and ``legacy_note`` says so in one line. Inference rule for codes
 with randomness: the run-level channel and merge dropout are switched off (dropout is a training
 augmentation: at inference every channel a code can load is loaded); draws that remain (``random``
 codes, codes with their own fixed dropout probability) come from a generator seeded with ``seed``,
@@ -24,7 +26,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cellseg.data.codes import CodePlan, parse_codes, resolve_codes
+from cellseg.data.codes import (
+    CodePlan,
+    CodeRecord,
+    load_records,
+    parse_codes,
+    plan_from_records,
+    record_codes,
+    resolve_codes,
+)
 from cellseg.data.geometry import Geometry, diameter_factor, pad_to, resize_planes
 from cellseg.data.intensity import Normalisation
 from cellseg.data.layouts import Layout
@@ -40,7 +50,7 @@ from cellseg.inference.instances import (
 )
 from cellseg.inference.measurements import cell_table
 from cellseg.inference.tiling import predict_tiled
-from cellseg.tracking.models import TrainedModel
+from cellseg.model.loading import TrainedModel
 from cellseg.visualize import overlay
 
 TIFF_SUFFIXES = (".ome.tif", ".ome.tiff", ".tif", ".tiff")
@@ -73,34 +83,51 @@ def model_layout(trained: TrainedModel) -> Layout:
     return Layout.model_validate(trained.metadata["layout"])
 
 
+def recorded_inputs(metadata: dict, layout: Layout, source: str) -> tuple[CodeRecord, ...]:
+    """A model's input recipe (its ``metadata``); a model saved before recipes: its codes as defined today."""
+    if "recipe" in metadata:
+        return load_records(metadata["recipe"], layout, source)
+    return record_codes([int(c) for c in metadata["codes"]], layout)
+
+
 def input_plan(
     trained: TrainedModel, codes: str | Sequence[int] | None = None, strategy: str | None = None
 ) -> CodePlan:
-    """The model's loading codes (or ``codes``/``strategy`` instead), run-level dropout off.
+    """The model's recorded inputs (or ``codes``/``strategy``, resolved today, instead), run-level dropout off.
 
     A plan that does not give the model's number of input channels is a one-line ConfigError.
     """
     if codes is not None and strategy is not None:
         raise ConfigError(f"--codes {codes} and --strategy {strategy}: give one of them")
-    option, given = ("--codes", codes) if codes is not None else ("--strategy", strategy)
-    chosen = given if given is not None else trained.metadata["codes"]
-    if isinstance(codes, str):  # resolve_codes would take text that is not codes for a strategy name
-        chosen = parse_codes(codes)
-    plan = resolve_codes(chosen, model_layout(trained), channel_dropout=0.0, merge_dropout=0.0)
+    layout = model_layout(trained)
+    if codes is None and strategy is None:
+        what = "its recorded inputs"
+        plan = plan_from_records(recorded_inputs(trained.metadata, layout, trained.uri), layout, 0.0, 0.0)
+    else:
+        option, given = ("--codes", codes) if codes is not None else ("--strategy", strategy)
+        what = f"{option} {given}"
+        # text given to --codes must be codes: resolve_codes would take other text for a strategy name
+        chosen = parse_codes(codes) if isinstance(codes, str) else given
+        plan = resolve_codes(chosen, layout, channel_dropout=0.0, merge_dropout=0.0)
     if plan.in_channels != trained.in_channels:
         raise ConfigError(
-            f"{option} {given}: gives {plan.in_channels} input channels, "
-            f"model {trained.uri} takes {trained.in_channels}"
+            f"{what}: gives {plan.in_channels} input channels, model {trained.uri} takes {trained.in_channels}"
         )
     return plan
 
 
-LEGACY_NOTE = ("note: {uri} records no input geometry or normalisation (saved before cellseg recorded them): "
-               "using native-pixel tiles of {size} px and per-channel maximum normalisation, as then")
-
-
-def is_legacy(trained: TrainedModel) -> bool:
-    return "geometry" not in trained.metadata
+def legacy_note(trained: TrainedModel) -> str | None:
+    """One line for a model saved before cellseg recorded its whole input: what it is given instead."""
+    metadata = trained.metadata
+    codes = ",".join(str(c) for c in metadata["codes"])
+    if "geometry" not in metadata:
+        return (f"note: {trained.uri} records no input geometry, normalisation or recipe (saved before cellseg "
+                f"recorded them): using native-pixel tiles of {trained.size} px and per-channel maximum "
+                f"normalisation, as then, and today's definitions of its codes {codes}")
+    if "recipe" not in metadata:
+        return (f"note: {trained.uri} records no input recipe (saved before cellseg recorded it): "
+                f"using today's definitions of its codes {codes}")
+    return None
 
 
 def model_geometry(trained: TrainedModel) -> Geometry:

@@ -4,11 +4,11 @@ A model's loading codes index the layout it was trained on; another layout numbe
 differently (``external``: cytoplasm, nucleus, a brightfield z-series). Mapping by index would feed
 brightfield planes into an input trained on a membrane label without a word. So a model applies to
 another layout only when each of its inputs can be built there *from channels of the same meaning*
-(same kind, label, polarisation and focal plane; channels of kind ``other`` by name): ``map_codes``
-translates every code into the target layout — a plain channel code, a black code, or a
-user-definable code with the same operation over the mapped channels — or says, in one line, which
-input has no counterpart (e.g. the trainer's ``fluorescence`` [0, 3, 6] on ``external``, which has
-no membrane or mitochondria label). Evaluation itself is ``cellseg.inference.evaluate``, unchanged.
+(same kind, label, polarisation and focal plane; channels of kind ``other`` by name): ``map_recipe``
+moves every entry of the model's recorded input recipe (codes.py) onto the target layout — the same
+operation and dropout over the mapped channels, so no codes file is consulted — or says, in one line,
+which input has no counterpart (e.g. the trainer's ``fluorescence`` [0, 3, 6] on ``external``, which
+has no membrane or mitochondria label). Evaluation itself is ``cellseg.inference.evaluate``, unchanged.
 """
 
 from __future__ import annotations
@@ -19,16 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cellseg.data.codes import (
-    DROPOUT_OFFSET,
-    MAX_CHANNEL_CODE,
-    ChannelRecipe,
-    load_codebook,
-    resolve_codes,
-)
+from cellseg.data.codes import DROPOUT_OFFSET, MAX_CHANNEL_CODE, CodeRecord
 from cellseg.data.layouts import Channel, Layout
 from cellseg.errors import ConfigError
 from cellseg.fileio import read_json, write_text
+from cellseg.inference.predict import recorded_inputs
 
 RECORD_NAME = "transfer.json"
 
@@ -44,6 +39,7 @@ class Transfer:
     source_codes: list[int]
     target_codes: list[int] | None  # None: not applicable
     reason: str | None = None  # why not applicable
+    target_recipe: list[dict[str, Any]] | None = None  # the inputs built on the target (CodeRecord dumps)
 
     @property
     def applicable(self) -> bool:
@@ -63,73 +59,58 @@ def _describe(channel: Channel) -> str:
     return f"{channel.name} ({', '.join(p for p in parts if p)})"
 
 
-def map_codes(codes: list[int], source: Layout, target: Layout) -> list[int]:
-    """The model's ``codes`` (on ``source``) as codes on ``target`` building the same inputs from
-    same-meaning channels; ``NotApplicable`` names the first input that has no counterpart."""
+def map_recipe(records: tuple[CodeRecord, ...], source: Layout, target: Layout) -> tuple[CodeRecord, ...]:
+    """The model's inputs (``records`` on ``source``) built on ``target`` from same-meaning channels;
+    ``NotApplicable`` names the first input that has no counterpart."""
     counterpart = {}
     for index, channel in enumerate(target.channels):
         counterpart.setdefault(meaning(channel), index)
-    plan = resolve_codes(list(codes), source, channel_dropout=0.0, merge_dropout=0.0)
     mapped = []
-    for position, recipe in enumerate(plan.recipes):
-        sources = []
-        for c in recipe.sources:
+    for position, record in enumerate(records):
+        channels = []
+        for c in record.channels:
             found = counterpart.get(meaning(source.channels[c]))
             if found is None:
                 raise NotApplicable(
-                    f"input {position} (code {recipe.code}) reads {_describe(source.channels[c])}, "
+                    f"input {position} (code {record.code}) reads {_describe(source.channels[c])}, "
                     f"which layout '{target.name}' does not have"
                 )
-            sources.append(found)
-        mapped.append(_target_code(recipe, tuple(sources), target))
-    return mapped
+            channels.append(found)
+        mapped.append(record.model_copy(update={
+            "code": _target_code(record, channels),
+            "channels": tuple(channels),
+            "channel_names": tuple(target.channel_names[c] for c in channels),
+        }))
+    return tuple(mapped)
 
 
-def _target_code(recipe: ChannelRecipe, sources: tuple[int, ...], target: Layout) -> int:
-    """A code on ``target`` doing ``recipe``'s operation over ``sources`` (channel dropout kept)."""
-    dropout = recipe.code >= DROPOUT_OFFSET
-    if recipe.op == "channel" and sources[0] <= MAX_CHANNEL_CODE:
-        return sources[0] + (DROPOUT_OFFSET if dropout else 0)
-    base = recipe.code - DROPOUT_OFFSET if dropout else recipe.code
-    book = load_codebook()
-    wanted = _shape(recipe, sources, book.get(base))
-    for code, definition in sorted(book.items()):
-        if definition.layouts is not None and target.name not in definition.layouts:
-            continue
-        try:
-            candidate = resolve_codes([code], target, channel_dropout=0.0, merge_dropout=0.0).recipes[0]
-        except ConfigError:
-            continue
-        if _shape(candidate, candidate.sources, definition) == wanted:
-            return code + (DROPOUT_OFFSET if dropout else 0)
-    raise NotApplicable(
-        f"code {recipe.code} ({recipe.op} of {len(sources)} channel(s)) has no equivalent code for layout "
-        f"'{target.name}' (define one in a codes file: see configs/codes.yaml)"
-    )
-
-
-def _shape(recipe: ChannelRecipe, sources: tuple[int, ...], definition) -> tuple[Any, ...]:
-    """What a code does, for equality: operation, source set (order matters only for nothing here),
-    and its own dropout settings."""
-    settings = (definition.merge_dropout, definition.channel_dropout) if definition is not None else (False, False)
-    return (recipe.op, tuple(sorted(sources)), settings)
+def _target_code(record: CodeRecord, channels: list[int]) -> int:
+    """The input's code number on the target, a label only: a plain channel code names its new channel
+    (plus 200 for dropout); any other keeps its number, its operation travelling in the recipe."""
+    plain = record.op == "channel" and record.channel_dropout is False
+    if plain and channels[0] <= MAX_CHANNEL_CODE:
+        return channels[0] + (DROPOUT_OFFSET if record.dropout_code else 0)
+    return record.code
 
 
 def plan_transfer(metadata: dict[str, Any], target: Layout) -> Transfer:
     """The mapping of a model (its logged metadata) onto ``target``, or the reason there is none."""
     source = Layout.model_validate(metadata["layout"])
-    codes = [int(c) for c in metadata["codes"]]
+    records = recorded_inputs(metadata, source, f"model of layout '{source.name}'")
+    codes = [r.code for r in records]
     try:
-        mapped = map_codes(codes, source, target)
+        mapped = map_recipe(records, source, target)
     except NotApplicable as exc:
         return Transfer(source.name, target.name, codes, None, str(exc))
-    return Transfer(source.name, target.name, codes, mapped)
+    return Transfer(source.name, target.name, codes, [r.code for r in mapped],
+                    target_recipe=[r.model_dump(mode="json") for r in mapped])
 
 
-def retarget(trained, target: Layout, codes: list[int]):
-    """The same network, described as reading ``codes`` of ``target``: what ``evaluate`` and ``predict``
-    need to read a store of that layout."""
-    metadata = {**trained.metadata, "layout": target.model_dump(mode="json"), "codes": list(codes)}
+def retarget(trained, target: Layout, transfer: Transfer):
+    """The same network, described as reading ``transfer``'s inputs of ``target``: what ``evaluate`` and
+    ``predict`` need to read a store of that layout."""
+    metadata = {**trained.metadata, "layout": target.model_dump(mode="json"), "codes": list(transfer.target_codes),
+                "recipe": transfer.target_recipe}
     return dataclasses.replace(trained, metadata=metadata)
 
 

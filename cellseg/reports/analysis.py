@@ -53,6 +53,24 @@ def strategy_table(results: Results) -> pd.DataFrame | None:
     return table
 
 
+def threshold_reach(qc: pd.DataFrame, layout, strategies: list[str]) -> dict[str, float]:
+    """Per strategy, the best Otsu Dice among its input channels (a channel drawn from several sources
+    counts as their mean; a black channel reaches 0): how far a plain threshold gets on what the
+    model sees — a property of the data's rendering, not of the network."""
+    from cellseg.data.codes import load_strategies, record_codes
+
+    otsu = qc.set_index("channel")["otsu_dice"].fillna(0.0)
+    known = load_strategies()
+    reach = {}
+    for strategy in strategies:
+        if strategy not in known:
+            continue
+        per_input = [float(otsu.reindex(list(r.channel_names)).fillna(0.0).mean()) if r.channel_names else 0.0
+                     for r in record_codes(known[strategy], layout)]
+        reach[strategy] = max(per_input, default=0.0)
+    return reach
+
+
 @dataclass
 class Ordering:
     """Pairs of the paper's strategies: in the paper's order, reversed, or within replicate noise."""

@@ -3,6 +3,7 @@
 ``dvc.yaml`` writes the folder; each part is optional (``None`` when its stage has not run), so a
 report can be made from whatever exists::
 
+    RESULTS/qc/qc.csv                                   cellseg data qc (the trainer store)
     RESULTS/lr_find/lr_find.json                       cellseg lr-find
     RESULTS/compare/compare.csv, compare_runs.csv       cellseg compare
     RESULTS/sweep_ce/sweep_ce.csv                       cellseg sweep-ce
@@ -24,9 +25,11 @@ import pandas as pd
 from cellseg.errors import BadInputError
 from cellseg.fileio import read_json
 from cellseg.inference.transfer import read_record
+from cellseg.run_folder import METRICS_NAME
 from cellseg.yamlio import read_yaml
 
 FIGURES = {  # pipeline figures copied next to the report: name in reports/figures -> path in RESULTS
+    "qc.png": "qc/qc.png",
     "lr_find.png": "lr_find/lr_find.png",
     "compare.png": "compare/compare.png",
     "sweep_ce.png": "sweep_ce/sweep_ce.png",
@@ -50,6 +53,7 @@ class Scored:
 @dataclass
 class Results:
     root: Path
+    qc: pd.DataFrame | None = None
     lr_find: dict[str, Any] | None = None
     compare: pd.DataFrame | None = None
     compare_runs: pd.DataFrame | None = None
@@ -70,13 +74,14 @@ def load_results(root: str | Path) -> Results:
         raise BadInputError(f"--results {root}: no such folder (run the pipeline first: dvc repro)")
     return Results(
         root=root,
+        qc=_csv(root / "qc" / "qc.csv"),
         lr_find=read_json(root / "lr_find" / "lr_find.json"),
         compare=_csv(root / "compare" / "compare.csv"),
         compare_runs=_csv(root / "compare" / "compare_runs.csv"),
         sweep=_csv(root / "sweep_ce" / "sweep_ce.csv"),
         tune_best=_yaml(root / "tune" / "best.yaml"),
         tune_trials=_csv(root / "tune" / "runs" / "trials.csv"),
-        best_history=read_json(root / "best" / "run" / "metrics.json"),
+        best_history=read_json(root / "best" / "run" / METRICS_NAME),
         generalisation=_generalisation(root / "generalisation"),
     )
 

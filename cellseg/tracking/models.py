@@ -1,53 +1,25 @@
-"""Trained models: load one from the registry, a run, a folder or a checkpoint; list and promote versions.
-
-Whatever the source, the network is rebuilt with ``build_model`` from the logged metadata and the
-saved weights are loaded into it, so every source gives the same module of today's code. That also
-makes models saved in MLflow's default ``pt2`` format usable: a ``torch.export`` program is fixed to
-its input example's shape (batch 1, the training size), while tiled prediction needs any batch and
-any tile size. (cellseg's trainer logs the ``pickle`` format, which loads as the module itself.)
+"""MLflow's side of trained models: resolve a model URI to a local folder, list registered versions,
+promote one. Building the network from what was saved is ``cellseg.model.loading``'s job; this
+module's ``load_trained_model`` is that loader with MLflow URIs resolved here.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cellseg.errors import TrackingError
-from cellseg.tracking.runs import _one_line, check_tracking_uri, resolve_tracking_uri
-from cellseg.tracking.runs import _tracking_errors as mlflow_errors
+from cellseg.errors import tracking_errors
+from cellseg.model import loading
+from cellseg.model.loading import Resolver, TrainedModel
+from cellseg.tracking.runs import check_tracking_uri, resolve_tracking_uri
 
-REQUIRED_METADATA = ("codes", "layout", "classes", "size", "in_channels", "num_classes", "encoder")
 KEY_METRICS = ("accuracy", "background_accuracy", "cell_accuracy", "dice", "iou")
-_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
 
-if TYPE_CHECKING:  # torch is imported where a model is built: `models list` and store checks need none
+if TYPE_CHECKING:
     import torch
-    from torch import nn
-
-
-@dataclass
-class TrainedModel:
-    """A network in eval mode on its device, with the metadata it was logged with (CONTRACTS.md)."""
-
-    model: nn.Module
-    metadata: dict[str, Any]
-    uri: str
-    model_id: str | None = None  # the MLflow LoggedModel id, when loaded from MLflow
-    run_id: str | None = None  # the run that trained it, when known
-
-    @property
-    def in_channels(self) -> int:
-        return int(self.metadata["in_channels"])
-
-    @property
-    def size(self) -> int:
-        return int(self.metadata["size"])
 
 
 def use_tracking_uri(tracking_uri: str | None = None) -> str:
@@ -61,92 +33,27 @@ def use_tracking_uri(tracking_uri: str | None = None) -> str:
     return uri
 
 
-def load_trained_model(
-    uri_or_path: str | os.PathLike, device: str | torch.device = "cpu", tracking_uri: str | None = None
-) -> TrainedModel:
-    """Load ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/ID/model``, any MLflow model URI,
-    a local MLflow model folder, a run folder or a ``checkpoint_last.pt``.
+def model_resolver(tracking_uri: str | None = None) -> Resolver:
+    """A ``Resolver`` downloading ``models:/…``, ``runs:/…`` or any MLflow model URI from the tracking
+    server at ``tracking_uri`` (default: ``MLFLOW_TRACKING_URI``), which is checked only when a URI comes."""
 
-    A source that does not exist is a one-line TrackingError naming it.
-    """
-    import torch
+    def resolve(uri: str, scratch: Path) -> Path:
+        import mlflow
 
-    source = str(uri_or_path)
-    path = Path(source).expanduser()
-    if path.is_dir() and (path / "MLmodel").is_file():
-        trained = _from_mlflow_folder(path, source)
-    elif path.is_file() or (path.is_dir() and (path / "checkpoint_last.pt").is_file()):
-        trained = _from_checkpoint(path, source)
-    elif path.is_dir():
-        raise TrackingError(f"{source}: neither an MLflow model folder (MLmodel) nor a run folder (checkpoint_last.pt)")
-    elif _URI.match(source):
         use_tracking_uri(tracking_uri)
-        trained = _from_mlflow_uri(source)
-    else:
-        raise TrackingError(
-            f"{source}: no such model (not a file or folder, nor a models:/NAME@ALIAS, models:/NAME/VERSION "
-            "or runs:/ID/model URI)"
-        )
-    # channels-last: ~14% faster U-Net forward on this CPU (oneDNN), the fast layout on CUDA too
-    trained.model.to(device, memory_format=torch.channels_last).eval()
-    return trained
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        with tracking_errors(uri):
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(scratch)))
+
+    return resolve
 
 
-def _from_mlflow_uri(uri: str) -> TrainedModel:
-    import mlflow
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    with tempfile.TemporaryDirectory(prefix="cellseg-model-") as tmp, mlflow_errors(uri):
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
-        if not (Path(local) / "MLmodel").is_file():
-            raise TrackingError(f"{uri}: not an MLflow model (no MLmodel file there)")
-        return _from_mlflow_folder(Path(local), uri)
-
-
-def _from_mlflow_folder(folder: Path, uri: str) -> TrainedModel:
-    import mlflow.pytorch
-    from mlflow.models import Model
-
-    with mlflow_errors(uri):
-        info = Model.load(str(folder))
-        if "pytorch" not in info.flavors:
-            raise TrackingError(f"{uri}: not a PyTorch model (flavours: {', '.join(info.flavors)})")
-        metadata = _check_metadata(dict(info.metadata or {}), uri)
-        loaded = mlflow.pytorch.load_model(str(folder), map_location="cpu")
-    model = _rebuild(metadata, loaded.state_dict(), uri)
-    return TrainedModel(model, metadata, uri, model_id=info.model_id, run_id=info.run_id)
-
-
-def _from_checkpoint(path: Path, source: str) -> TrainedModel:
-    from cellseg.engine.checkpoint import load_checkpoint
-
-    state = load_checkpoint(path)
-    metadata = _check_metadata(dict(state.get("metadata") or {}), source)
-    model = _rebuild(metadata, state["model"], source)
-    run_id = (state.get("callbacks") or {}).get("mlflow", {}).get("run_id")
-    return TrainedModel(model, metadata, source, run_id=run_id)
-
-
-def _check_metadata(metadata: dict[str, Any], uri: str) -> dict[str, Any]:
-    missing = [key for key in REQUIRED_METADATA if key not in metadata]
-    if missing:
-        raise TrackingError(f"{uri}: model metadata lacks {', '.join(missing)} (not a model logged by cellseg?)")
-    return metadata
-
-
-def _rebuild(metadata: dict[str, Any], state_dict: dict[str, torch.Tensor], uri: str) -> nn.Module:
-    from cellseg.model import build_model
-
-    model = build_model(
-        encoder=metadata["encoder"],
-        in_channels=int(metadata["in_channels"]),
-        num_classes=int(metadata["num_classes"]),
-    )
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as exc:
-        raise TrackingError(f"{uri}: weights do not fit a {metadata['encoder']} U-Net ({_one_line(exc)})") from None
-    return model
+def load_trained_model(source: str | os.PathLike, device: str | torch.device = "cpu",
+                       tracking_uri: str | None = None) -> TrainedModel:
+    """``cellseg.model.loading.load_trained_model`` with model URIs resolved by MLflow at ``tracking_uri``:
+    ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/ID/model``, a local MLflow model folder,
+    a run folder or a checkpoint file."""
+    return loading.load_trained_model(source, device, resolve=model_resolver(tracking_uri))
 
 
 # --- registry -----------------------------------------------------------------------------------
@@ -160,7 +67,7 @@ def list_models(tracking_uri: str | None = None) -> list[dict[str, Any]]:
     uri = use_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient()
     rows = []
-    with mlflow_errors(uri):
+    with tracking_errors(uri):
         for registered in _all_registered(client):
             aliases: dict[str, list[str]] = {}
             for alias, version in (registered.aliases or {}).items():
@@ -217,8 +124,8 @@ def promote(name: str, version: int | str, alias: str, tracking_uri: str | None 
     use_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient()
     target = f"models:/{name}/{version}"
-    with mlflow_errors(target):
+    with tracking_errors(target):
         found = client.get_model_version(name, str(version))
-    with mlflow_errors(f"alias '{alias}'"):
+    with tracking_errors(f"alias '{alias}'"):
         client.set_registered_model_alias(name, alias, str(found.version))
     return {"name": name, "version": int(found.version), "alias": alias, "uri": f"models:/{name}@{alias}"}

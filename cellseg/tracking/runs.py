@@ -1,7 +1,8 @@
 """MLflow run logging for the training engine: one run per fit, continued on resume, model registered.
 
 ``MlflowCallback`` opens the run when the fit starts (or reopens the run whose id the checkpoint
-stored, so a resumed run continues the SAME MLflow run), logs every resolved parameter, the
+stored, so a resumed run continues the SAME MLflow run; or, under ``mlflow run``, the run named by
+``MLFLOW_RUN_ID``, so the project run holds the training), logs every resolved parameter, the
 config and the split, per-epoch metrics with ``step=epoch``, and at the end the learning curves,
 example prediction overlays and the model in the ``mlflow.pytorch`` flavour, registered under
 ``--register-as`` (default ``cellseg-<strategy>``). The engine writes each checkpoint before it
@@ -31,16 +32,18 @@ from typing import Any
 
 import numpy as np
 
-from cellseg.errors import TrackingError
+from cellseg.errors import TrackingError, one_line, tracking_errors
 from cellseg.locks import hold
+from cellseg.run_folder import CONFIG_NAME, METRICS_NAME, SPLIT_NAME
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DB = "mlflow.db"
-MODEL_NAME = "model"  # artifact name of the logged model (CONTRACTS.md)
+MODEL_NAME = "model"  # artifact name of the logged model (docs/contracts.md)
 NEW_VERSION_ALIAS = "challenger"  # a freshly trained version is a candidate …
 DEFAULT_ALIAS = "champion"  # … and also the default one while the registered model has none
 MODEL_EPOCH_TAG = "cellseg.model_epoch"
+PROJECT_RUN_ENV = "MLFLOW_RUN_ID"  # set by `mlflow run`: a fit outside any study logs into that run
 CHECK_TIMEOUT_S = 5.0
 _opened: set[str] = set()  # SQLite stores this process has opened (and created if new)
 
@@ -96,7 +99,7 @@ def _open_sqlite_store(uri: str) -> None:
     except sqlite3.Error as exc:
         raise TrackingError(f"--tracking-uri {uri}: cannot open the SQLite database ({exc})") from None
     lock = hold(path, "setting up the MLflow store", wait=True) if os.access(path.parent, os.W_OK) else None
-    with lock or contextlib.nullcontext(), _tracking_errors(f"MLflow at {uri}"):
+    with lock or contextlib.nullcontext(), tracking_errors(f"MLflow at {uri}"):
         from mlflow import MlflowClient
 
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -221,9 +224,12 @@ class MlflowCallback:
     # --- engine hooks ----------------------------------------------------------------------------
     def on_fit_start(self, session) -> None:
         check_tracking_uri(self.uri)
-        with _tracking_errors(f"MLflow at {self.uri}"):
+        with tracking_errors(f"MLflow at {self.uri}"):
             experiment_id = self._experiment_id()
-            if self.run_id and not self._reopen():
+            origin = "of the checkpoint"
+            if self.run_id is None and self.parent_run_id is None and os.environ.get(PROJECT_RUN_ENV):
+                self.run_id, origin = os.environ[PROJECT_RUN_ENV], f"in ${PROJECT_RUN_ENV}"
+            if self.run_id and not self._reopen(session, origin):
                 self.run_id = None
             if self.run_id is None:
                 tags = {**source_tags(), **self._tags(session),
@@ -232,7 +238,7 @@ class MlflowCallback:
                 run = self.client.create_run(experiment_id, run_name=name, tags=tags)
                 self.run_id = run.info.run_id
             self._log_params(session)
-            for name in ("config.yaml", "split.json"):
+            for name in (CONFIG_NAME, SPLIT_NAME):
                 self.client.log_artifact(self.run_id, str(session.run_dir / name))
             self._log_missing_epochs(session.history)
 
@@ -243,14 +249,14 @@ class MlflowCallback:
             self._log_metrics([metrics])
         except Exception as exc:  # noqa: BLE001 — tracking trouble must not stop training
             log.warning("MLflow: could not log epoch %d (%s); the checkpoint is saved, training continues",
-                        epoch, _one_line(exc))
+                        epoch, one_line(exc))
 
     def on_fit_end(self, session, result) -> None:
         try:
             self._log_figures(session)
         except Exception as exc:  # noqa: BLE001
-            log.warning("MLflow: could not log the figures (%s)", _one_line(exc))
-        with _tracking_errors(f"MLflow: logging the model of {session.run_dir} (saved in its checkpoint; "
+            log.warning("MLflow: could not log the figures (%s)", one_line(exc))
+        with tracking_errors(f"MLflow: logging the model of {session.run_dir} (saved in its checkpoint; "
                               "--resume logs it again)"):
             if self.log_model:
                 self._log_and_register(session, result)
@@ -265,28 +271,30 @@ class MlflowCallback:
                 self.client.set_tag(self.run_id, "cellseg.pruned", "true")
             self.client.set_terminated(self.run_id, status)
         except Exception as err:  # noqa: BLE001 — already failing; do not mask the cause
-            log.warning("MLflow: could not mark run %s as %s (%s)", self.run_id, status, _one_line(err))
+            log.warning("MLflow: could not mark run %s as %s (%s)", self.run_id, status, one_line(err))
 
     # --- helpers -----------------------------------------------------------------------------------
     def _experiment_id(self) -> str:
         return experiment_id(self.client, self.experiment)
 
-    def _reopen(self) -> bool:
+    def _reopen(self, session, origin: str) -> bool:
+        """Continue run ``self.run_id`` (``origin`` says where the id came from, for the warnings)."""
         from mlflow.exceptions import MlflowException
 
         try:
             run = self.client.get_run(self.run_id)
         except MlflowException:
-            log.warning("MLflow: run %s of the checkpoint is not in %s; starting a new run", self.run_id, self.uri)
+            log.warning("MLflow: run %s %s is not in %s; starting a new run", self.run_id, origin, self.uri)
             return False
         if run.info.lifecycle_stage == "deleted":
-            log.warning("MLflow: run %s of the checkpoint was deleted; starting a new run", self.run_id)
+            log.warning("MLflow: run %s %s was deleted; starting a new run", self.run_id, origin)
             return False
         from mlflow.entities import RunTag
 
         self.client.update_run(self.run_id, status="RUNNING")
-        # the caller's tags again: e.g. a retried trial continuing a dead trial's run gets its new number
-        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in self.tags.items()])
+        # the caller's tags again: e.g. a retried trial continuing a dead trial's run gets its new number;
+        # a run opened by `mlflow run` gets what this fit trains on
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in self._tags(session).items()])
         return True
 
     def _run_name(self, session, experiment_id: str) -> str:
@@ -299,7 +307,7 @@ class MlflowCallback:
             taken = quote in name or self.client.search_runs(
                 [experiment_id], filter_string=f"attributes.run_name = {quote}{name}{quote}", max_results=1)
         except Exception as exc:  # noqa: BLE001 — a name is not worth a failed run
-            log.debug("MLflow: could not look for runs named %r (%s)", name, _one_line(exc))
+            log.debug("MLflow: could not look for runs named %r (%s)", name, one_line(exc))
             taken = True
         return f"{name} · {session.run_dir.name}" if taken else name
 
@@ -367,7 +375,7 @@ class MlflowCallback:
             legend = [("ground truth", TRUTH_COLOUR), ("prediction", PREDICTION_COLOUR)]
             save_figure(image_grid(images, ids, legend=legend), Path(tmp) / "predictions.png")
             self.client.log_artifacts(self.run_id, tmp, artifact_path="plots")
-        self.client.log_artifact(self.run_id, str(session.run_dir / "metrics.json"))
+        self.client.log_artifact(self.run_id, str(session.run_dir / METRICS_NAME))
 
     def _log_and_register(self, session, result) -> None:
         import mlflow
@@ -440,11 +448,6 @@ def _requirements() -> list[str]:
     return [f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}", f"cellseg=={cellseg.__version__}"]
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "message", None) or exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 @contextlib.contextmanager
 def _quiet(logger: str) -> Iterator[None]:
     """Silence a logger's warnings (pickle is chosen on purpose; MLflow warns about it every time)."""
@@ -456,13 +459,3 @@ def _quiet(logger: str) -> Iterator[None]:
     finally:
         target.setLevel(level)
 
-
-@contextlib.contextmanager
-def _tracking_errors(what: str) -> Iterator[None]:
-    """Turn MLflow/database/OS errors into a one-line TrackingError prefixed with ``what``."""
-    try:
-        yield
-    except TrackingError:
-        raise
-    except Exception as exc:  # noqa: BLE001 — MLflow raises many kinds; the user needs one line
-        raise TrackingError(f"{what}: {_one_line(exc)}") from None

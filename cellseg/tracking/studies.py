@@ -18,14 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cellseg.errors import one_line
 from cellseg.tracking.runs import (
     MlflowCallback,
-    _one_line,
-    _tracking_errors,
     check_tracking_uri,
     experiment_id,
     resolve_tracking_uri,
     source_tags,
+    tracking_errors,
 )
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class TrackedRun:
         """Params not logged yet (params are immutable, so a reopened run keeps its first values)."""
         from mlflow.entities import Param
 
-        with _tracking_errors(f"MLflow at {self.uri}"):
+        with tracking_errors(f"MLflow at {self.uri}"):
             logged = self.client.get_run(self.run_id).data.params
             new = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in params.items() if k not in logged]
             for start in range(0, len(new), 100):
@@ -66,18 +66,18 @@ class TrackedRun:
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        with _tracking_errors(f"MLflow at {self.uri}"):
+        with tracking_errors(f"MLflow at {self.uri}"):
             for start in range(0, len(batch), 1000):
                 self.client.log_batch(self.run_id, metrics=batch[start:start + 1000])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        with _tracking_errors(f"MLflow at {self.uri}"):
+        with tracking_errors(f"MLflow at {self.uri}"):
             self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifacts(self, paths: list[str | Path], artifact_path: str | None = None) -> None:
-        with _tracking_errors(f"MLflow at {self.uri}: logging artifacts"):
+        with tracking_errors(f"MLflow at {self.uri}: logging artifacts"):
             for path in paths:
                 self.client.log_artifact(self.run_id, str(path), artifact_path)
 
@@ -89,7 +89,7 @@ class TrackedRun:
 
     def children(self) -> list:
         """The child runs (mlflow ``Run`` objects), oldest first."""
-        with _tracking_errors(f"MLflow at {self.uri}"):
+        with tracking_errors(f"MLflow at {self.uri}"):
             exp = self.client.get_experiment_by_name(self.experiment).experiment_id
             runs = self.client.search_runs([exp], filter_string=f"tags.`{PARENT_TAG}` = '{self.run_id}'",
                                            order_by=["attributes.start_time ASC"], max_results=50000)
@@ -104,7 +104,7 @@ def tracked_run(name: str, kind: str, tracking_uri: str | None = None, experimen
 
     uri = resolve_tracking_uri(tracking_uri)
     check_tracking_uri(uri)
-    with _tracking_errors(f"MLflow at {uri}"):
+    with tracking_errors(f"MLflow at {uri}"):
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         if run_id is not None:
             client.update_run(run_id, status="RUNNING")
@@ -117,7 +117,7 @@ def tracked_run(name: str, kind: str, tracking_uri: str | None = None, experimen
     except BaseException as exc:
         _terminate(run, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
-    with _tracking_errors(f"MLflow at {uri}"):
+    with tracking_errors(f"MLflow at {uri}"):
         client.set_terminated(run_id, "FINISHED")
 
 
@@ -125,7 +125,7 @@ def _terminate(run: TrackedRun, status: str) -> None:
     try:
         run.client.set_terminated(run.run_id, status)
     except Exception as err:  # noqa: BLE001 — already failing; do not mask the cause
-        log.warning("MLflow: could not mark run %s as %s (%s)", run.run_id, status, _one_line(err))
+        log.warning("MLflow: could not mark run %s as %s (%s)", run.run_id, status, one_line(err))
 
 
 def shared_run_id(name: str, kind: str, key: str, tracking_uri: str | None = None,
@@ -138,7 +138,7 @@ def shared_run_id(name: str, kind: str, key: str, tracking_uri: str | None = Non
 
     uri = resolve_tracking_uri(tracking_uri)
     check_tracking_uri(uri)
-    with _tracking_errors(f"MLflow at {uri}"):
+    with tracking_errors(f"MLflow at {uri}"):
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         exp = experiment_id(client, experiment)
         found = _tagged(client, exp, kind, key, name)
