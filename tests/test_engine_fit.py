@@ -248,3 +248,10 @@ def test_precise_bn_option_reaches_the_run_config(trainer_store, tmp_path):
                                    "--tracking-uri", "sqlite:///m.db"])
     assert off.exit_code == 0, off.output
     assert load_checkpoint("run2")["config"]["train"]["precise_bn"] is False
+
+
+def test_periodic_work_is_due_every_n_epochs_and_at_the_end_of_each_phase():
+    from cellseg.engine.loop import _due
+
+    assert [e + 1 for e in range(12) if _due(e, 5, cycle_end=12)] == [5, 10, 12]
+    assert [e + 1 for e in range(3) if _due(e, 5, cycle_end=3)] == [3]

@@ -2,7 +2,8 @@
 
 A store "has instances" when ingest kept a label image per stack (``Store.instances``: from the input's
 ``Instances/`` label images, or the connected components a ``--classes background,cell,boundary``
-ingest derived its Boundary class from; see data/store.py). Then, after each validation, every
+ingest derived its Boundary class from; see data/store.py). Then, after a validation (every
+``train.instance_metrics_every`` epochs and at the end of each phase), every
 validation stack of this process is segmented whole exactly as ``cellseg predict --instances`` does it
 (the model's own pixel scale, normalisation and codes: ``inference.predict.segment``; cells from the
 Cell, and Boundary when the model has one, classes: ``inference.instances``) and matched to its true

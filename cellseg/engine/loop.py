@@ -1,7 +1,8 @@
 """``fit``: the one training loop (train, tune, compare and sweep-ce all call it).
 
 Per epoch: train on augmented batches (one optimizer and one-cycle scheduler per cycle, stepped per
-batch), evaluate on the validation split (with ``val_ap_50`` when the store keeps its true cells:
+batch), evaluate on the validation split (with ``val_ap_50`` when the store keeps its true cells, every
+``train.instance_metrics_every`` epochs and at the end of each cycle:
 instance_validation.py), append to the history, write ``metrics.json``, write the
 checkpoint (every ``train.checkpoint_every`` epochs and at the end of each cycle), and only then
 call the callbacks — a failing logger or a pruner can never cost the checkpoint of that epoch.
@@ -281,19 +282,24 @@ def _epoch(session: TrainingSession, cycle: Cycle, epoch: int, cycle_end: int, c
         "lr": lr,
         "train_loss": loss_sum / seen if seen else math.nan,
         **session.evaluate(),
-        **instance_metrics(session),  # val_ap_50 when the store keeps true cells
+        **(instance_metrics(session) if _due(epoch, session.config.train.instance_metrics_every, cycle_end) else {}),
     }
     session.history.append(record)
     run_dir = session.run_dir
     main = session.world.main
     if main:
         write_text(run_dir / METRICS_NAME, json.dumps(json_safe(session.history), indent=1) + "\n")
-    if (epoch + 1) % session.config.train.checkpoint_every == 0 or epoch + 1 == cycle_end:
+    if _due(epoch, session.config.train.checkpoint_every, cycle_end):
         rngs = distributed.all_gather(rng_state())  # every rank's generators
         if main:
             save_checkpoint(checkpoint_path(run_dir),
                             _checkpoint_state(session, epoch + 1, callbacks, rngs, cycle_done=epoch + 1 == cycle_end))
     _call(callbacks, "on_epoch_end", session, epoch + 1, record)
+
+
+def _due(epoch: int, every: int, cycle_end: int) -> bool:
+    """Every ``every`` epochs and at the end of each cycle (phase)."""
+    return (epoch + 1) % every == 0 or epoch + 1 == cycle_end
 
 
 def _checkpoint_state(session: TrainingSession, epochs_done: int, callbacks: Sequence[Any],
