@@ -26,6 +26,12 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def strategy_label(strategy: str | None) -> str:
+    """A run's inputs in one word, for folders, run names, registry names and tables: the strategy's
+    name, or ``custom`` when explicit codes replaced it."""
+    return strategy or "custom"
+
+
 class DataConfig(_Section):
     store: Path | None = Field(None, description="Zarr store written by `cellseg data ingest`.")
     strategy: str | None = Field("fluorescence", description="Named strategy (configs/strategies.yaml).")
@@ -46,6 +52,11 @@ class DataConfig(_Section):
         "auto", description="Hold the store in RAM / on the training device, or stream from Zarr."
     )
     num_workers: int = Field(0, ge=0, description="DataLoader workers for the streaming path.")
+
+    @property
+    def label(self) -> str:
+        """``strategy_label`` of this run: explicit codes make it ``custom``."""
+        return strategy_label(self.strategy if self.codes is None else None)
 
     @field_validator("percentiles")
     @classmethod

@@ -26,8 +26,9 @@ def small_encoder_file() -> str:
 
 
 def one_line_error(result, *needles: str) -> str:
-    """Exit code 1 and exactly one ``error:`` line containing every needle; returns that line."""
+    """Exit code 1, no traceback and exactly one ``error:`` line containing every needle; returns that line."""
     assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, result.output
     for needle in needles:

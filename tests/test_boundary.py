@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from experiments_support import one_line_error
+
 from cellseg.cli.main import app
 from cellseg.data.boundary import boundary_band, with_boundary
 from cellseg.data.store import open_store
@@ -57,14 +59,6 @@ def write_folder(root: Path, n: int = 4, instances: bool = True, labels=two_touc
 
 def ingest(*args) -> object:
     return runner.invoke(app, ["data", "ingest", *map(str, args)])
-
-
-def error_line(result) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 # --- which pixels are Boundary -------------------------------------------------------------------------
@@ -150,31 +144,31 @@ def test_without_label_images_the_cells_are_the_masks_connected_components(tmp_p
 
 def test_bad_classes_and_instances_are_one_line(tmp_path):
     root = write_folder(tmp_path / "in")
-    line = error_line(ingest(root, "--out", tmp_path / "x.zarr", "--classes", "background,cell,nucleus"))
+    line = one_line_error(ingest(root, "--out", tmp_path / "x.zarr", "--classes", "background,cell,nucleus"))
     assert "--classes background,cell,nucleus: unknown class 'nucleus' (known: background, cell, boundary)" in line
-    line = error_line(ingest(root, "--out", tmp_path / "x.zarr", "--classes", "cell,background"))
+    line = one_line_error(ingest(root, "--out", tmp_path / "x.zarr", "--classes", "cell,background"))
     assert "--classes cell,background: expected background,cell or background,cell,boundary" in line
     # touching cells in binary masks without label images: one component each, nothing tells them apart
     merged = write_folder(tmp_path / "merged", instances=False)
-    line = error_line(ingest(merged, "--out", tmp_path / "x.zarr", "--classes", "background,cell,boundary"))
+    line = one_line_error(ingest(merged, "--out", tmp_path / "x.zarr", "--classes", "background,cell,boundary"))
     assert "--classes background,cell,boundary: no two cells touch in Mask_Norm/" in line
     assert "cannot be told apart" in line and "Instances/NAME.tif" in line
     assert not (tmp_path / "x.zarr").exists()
     # masks with other classes than background/cell
     (merged / "codes.txt").write_text("Background\nNucleus\n")
-    line = error_line(ingest(merged, "--out", tmp_path / "x.zarr", "--classes", "background,cell,boundary"))
+    line = one_line_error(ingest(merged, "--out", tmp_path / "x.zarr", "--classes", "background,cell,boundary"))
     assert "--classes background,cell,boundary:" in line and "lists Background, Nucleus" in line
     # a label image of another size, or other cells than its mask: the file is named
     tifffile.imwrite(root / "Instances" / "s1.tif", np.zeros((5, 7), np.uint16))
-    line = error_line(ingest(root, "--out", tmp_path / "x.zarr"))
+    line = one_line_error(ingest(root, "--out", tmp_path / "x.zarr"))
     assert "Instances/s1.tif" in line and "label image is 5x7 (HxW) but its stack is 48x64" in line
     moved = two_touching_cells(1)  # s1's cells
     moved[0:2, 0:2] = 9
     tifffile.imwrite(root / "Instances" / "s1.tif", moved)
-    line = error_line(ingest(root, "--out", tmp_path / "x.zarr"))
+    line = one_line_error(ingest(root, "--out", tmp_path / "x.zarr"))
     assert "Instances/s1.tif" in line and "disagree at 4 pixels" in line
     (root / "Instances" / "s1.tif").unlink()
-    line = error_line(ingest(root, "--out", tmp_path / "x.zarr"))
+    line = one_line_error(ingest(root, "--out", tmp_path / "x.zarr"))
     assert "FullImage/s1.ome.tif" in line and "no label image (expected Instances/s1.tif" in line
     assert "--classes" in runner.invoke(app, ["data", "ingest", "--help"]).output
 

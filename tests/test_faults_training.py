@@ -76,7 +76,7 @@ def test_an_empty_validation_split_is_refused_before_training(trainer_store, mlf
 @pytest.mark.parametrize(("args", "needles"), [
     (["train", "--register-as", "x", "--no-register"], ["--register-as x and --no-register"]),
     (["train", "--strategy", "fluorescence", "--codes", "0,3"], ["--strategy fluorescence and --codes 0,3"]),
-    (["tune", "--lr", "0.01"], ["--lr 0.01 and --lr-range", "ignored"]),
+    (["tune", "--lr", "0.01", "--lr-range", "1e-4,1e-2"], ["--lr 0.01 and --lr-range", "ignored"]),
     (["tune", "--ce-weights", "1,9"], ["--ce-weights 1,9 and --ratio-range"]),
     (["tune", "--tune-dropout", "--channel-dropout", "0.2"], ["--channel-dropout 0.2 and --tune-dropout"]),
     (["tune", "--tune-dropout", "--merge-dropout", "0.2"], ["--merge-dropout 0.2 and --tune-dropout"]),

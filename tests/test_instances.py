@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from experiments_support import one_line_error
+
 from cellseg.cli.main import app
 from cellseg.data.geometry import Geometry
 from cellseg.data.intensity import Normalisation
@@ -47,14 +49,6 @@ def checkpoint(folder, classes=("Background", "Cell"), cell_bias: float = 5.0):
                 "normalisation": Normalisation("max").to_dict()}
     save_checkpoint(folder / "checkpoint_last.pt", {"metadata": metadata, "model": weights})
     return folder
-
-
-def error_line(result) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 # --- labelling -------------------------------------------------------------------------------------
@@ -179,7 +173,7 @@ def test_predict_instances_writes_labels_and_a_cell_table(tmp_path):
 def test_instances_on_a_model_without_a_cell_class_is_one_line(tmp_path):
     run = checkpoint(tmp_path / "run", classes=("Background", "Nucleus"))
     tifffile.imwrite(tmp_path / "s.tif", np.ones((16, 40, 40), np.uint16))
-    line = error_line(runner.invoke(app, ["predict", str(run), str(tmp_path / "s.tif"), "--out", "o",
+    line = one_line_error(runner.invoke(app, ["predict", str(run), str(tmp_path / "s.tif"), "--out", "o",
                                           "--device", "cpu", "--instances"]))
     assert "--instances: model" in line and "has no cell class (its classes: Background, Nucleus)" in line
     assert not (tmp_path / "o" / "masks").exists()  # refused before any stack is segmented
@@ -219,12 +213,12 @@ def test_evaluate_reads_true_label_images_and_refuses_a_wrong_shape(tmp_path, tr
     assert (per_stack["instance_truth"] == "label images").all() and (per_stack["ap_90"] == 1.0).all()
     wrong = folder / f"{store.ids[1]}.tif"
     tifffile.imwrite(wrong, np.ones((5, 7), np.uint16))
-    line = error_line(runner.invoke(app, argv))
+    line = one_line_error(runner.invoke(app, argv))
     h, w = store.shape(1)[1:]
     assert f"{wrong}: label image is 5x7, stack {store.ids[1]} is {h}x{w}" in line
     (folder / f"{store.ids[0]}.tif").unlink()
-    line = error_line(runner.invoke(app, argv))
+    line = one_line_error(runner.invoke(app, argv))
     assert f"{folder}: no label image for stack {store.ids[0]}" in line
     nucleus = checkpoint(tmp_path / "nucleus", classes=("Background", "Nucleus"))
-    line = error_line(runner.invoke(app, ["evaluate", str(nucleus), *argv[2:]]))
+    line = one_line_error(runner.invoke(app, ["evaluate", str(nucleus), *argv[2:]]))
     assert "--instances-from: model" in line and "no cell class" in line

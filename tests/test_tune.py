@@ -44,7 +44,7 @@ def study_runs(study: str):
 def test_tune_continues_the_study_and_best_yaml_trains(trainer_store, mlflow_db):
     import optuna
 
-    first = runner.invoke(app, tune_args(trainer_store, "s1"))
+    first = runner.invoke(app, tune_args(trainer_store, "s1", 1, "--lr", "0.002"))  # as the DVC pipeline passes it
     assert first.exit_code == 0, first.output
     assert "trial 0 complete accuracy" in first.output and "wrote best.yaml" in first.output
     again = runner.invoke(app, tune_args(trainer_store, "s1"))
@@ -56,6 +56,9 @@ def test_tune_continues_the_study_and_best_yaml_trains(trainer_store, mlflow_db)
     assert [t.number for t in study.trials] == [0, 1]  # the first invocation's trial is kept
     assert study.user_attrs["sampler_seed"] == 0 and study.user_attrs["cellseg.settings"]["objective"] == "accuracy"
     assert len({tuple(t.params.items()) for t in study.trials}) == 2  # worker 1 is seeded differently
+    # --lr without --lr-range: a decade either side of it, kept by the study for later invocations
+    assert study.user_attrs["cellseg.settings"]["lr_range"] == pytest.approx([0.0002, 0.02])
+    assert all(0.0002 <= t.params["lr"] <= 0.02 for t in study.trials)
 
     (parent,), children, client = study_runs("s1")  # one parent, continued by the second invocation
     assert study.user_attrs["mlflow_parent_run_id"] == parent.info.run_id

@@ -12,6 +12,7 @@ from cellseg.cli.options import TrackingOptions, TrainingOptions, with_options
 from cellseg.errors import ConfigError
 
 STUDY = "Study"
+LR_DECADE = 10.0  # --lr without --lr-range: the study searches [lr / 10, lr * 10]
 COMPARISON = "Comparison"
 
 
@@ -49,7 +50,8 @@ def tune(
                                                       show_default=False,
                                                       help="Also tune channel and merge dropout.")] = None,
     lr_range: Annotated[str | None, typer.Option("--lr-range", rich_help_panel=STUDY, show_default=False,
-                                                 help="Learning-rate range, log scale (default 1e-5,1e-1).")] = None,
+                                                 help="Learning-rate range, log scale (default 1e-5,1e-1; with "
+                                                      "--lr, a decade either side of it).")] = None,
     ratio_range: Annotated[str | None, typer.Option("--ratio-range", rich_help_panel=STUDY, show_default=False,
                                                     help="CE weight background:cell range, log scale "
                                                          "(default 0.01,100).")] = None,
@@ -74,13 +76,14 @@ def tune(
     from cellseg.experiments.tune import tune as run_tune
     from cellseg.tracking.runs import resolve_tracking_uri
 
-    _refuse_tuned(options, tune_dropout)
+    _refuse_tuned(options, lr_range, tune_dropout)
     config = tracking.apply(options.load())
-    study = study or f"tune-{config.data.strategy if config.data.codes is None else 'custom'}"
+    study = study or f"tune-{config.data.label}"
     uri = resolve_tracking_uri(config.tracking.uri)
     typer.echo(f"study {study} · storage {redact(storage)} · MLflow {uri}", err=True)
     result = run_tune(config, study, trials, storage=storage, out=out, runs_dir=runs_dir, objective=objective,
-                      lr_range=_range("--lr-range", lr_range), ratio_range=_range("--ratio-range", ratio_range),
+                      lr_range=_range("--lr-range", lr_range) or _around(options.lr),
+                      ratio_range=_range("--ratio-range", ratio_range),
                       tune_dropout=tune_dropout, sampler_seed=sampler_seed, prune=not no_pruning,
                       heartbeat=heartbeat)
     params = " · ".join(f"{k} {v:.4g}" for k, v in result.best_params.items())
@@ -91,9 +94,17 @@ def tune(
     typer.echo(f"MLflow parent run {result.parent_run_id}; look at it: cellseg ui --tracking-uri {uri}")
 
 
-def _refuse_tuned(options: TrainingOptions, tune_dropout: bool | None) -> None:
+def _around(lr: float | None) -> tuple[float, float] | None:
+    """``--lr`` without ``--lr-range`` centres the search on it: a decade either side (log scale), so the
+    options every training command of a pipeline shares also mean something to tune."""
+    return None if lr is None else (lr / LR_DECADE, lr * LR_DECADE)
+
+
+def _refuse_tuned(options: TrainingOptions, lr_range: str | None, tune_dropout: bool | None) -> None:
     """A value the study samples for every trial would be silently ignored: refuse it, naming both."""
-    sampled = [("--lr", options.lr, "--lr-range"), ("--ce-weights", options.ce_weights, "--ratio-range")]
+    sampled = [("--ce-weights", options.ce_weights, "--ratio-range")]
+    if lr_range is not None:
+        sampled.append(("--lr", options.lr, "--lr-range"))
     if tune_dropout:
         sampled += [("--channel-dropout", options.channel_dropout, "--tune-dropout"),
                     ("--merge-dropout", options.merge_dropout, "--tune-dropout")]

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from cellseg.cli.options import TrackingOptions, TrainingOptions, with_options
+from cellseg.config import strategy_label
 from cellseg.errors import BadInputError, ConfigError
 from cellseg.run_folder import CONFIG_NAME
 
@@ -16,7 +17,7 @@ RUN = "Run"
 
 
 def default_run_dir(strategy: str | None) -> Path:
-    return Path("runs") / f"{strategy or 'custom'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path("runs") / f"{strategy_label(strategy)}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 @with_options(TrackingOptions, "tracking")

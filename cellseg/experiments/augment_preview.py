@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellseg.config import Config
+from cellseg.config import Config, strategy_label
 from cellseg.engine.session import TrainingSession
 from cellseg.errors import ConfigError
 
@@ -63,7 +63,7 @@ def augment_preview(config: Config, out: str | Path, n: int = 16, columns: int |
     columns = columns or math.ceil(math.sqrt(n))
     fig = image_grid(images, titles, columns=columns)
     what = "augmentation on" if config.augment.enabled else "augmentation OFF (augment.enabled: false)"
-    fig.suptitle(f"{session.plan.strategy or 'custom'} · codes {','.join(map(str, session.plan.codes))} · "
+    fig.suptitle(f"{strategy_label(session.plan.strategy)} · codes {','.join(map(str, session.plan.codes))} · "
                  f"{config.data.size} px · {what}", fontsize=10, y=1.01)
     png = save_figure(fig, out)
     run_id = None
@@ -71,7 +71,7 @@ def augment_preview(config: Config, out: str | Path, n: int = 16, columns: int |
         from cellseg.tracking.studies import tracked_run
 
         with tracked_run("augment-preview", "augment-preview", config.tracking.uri, config.tracking.experiment,
-                         tags={"strategy": session.plan.strategy or "custom"}) as run:
+                         tags={"strategy": strategy_label(session.plan.strategy)}) as run:
             run.log_params(config.flat())  # the whole config: how the picture was made
             run.log_artifacts([png])
             run_id = run.run_id

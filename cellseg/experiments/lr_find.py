@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cellseg.config import Config
+from cellseg.config import Config, strategy_label
 from cellseg.engine.checkpoint import rng_state, set_rng_state
 from cellseg.engine.schedule import Cycle, make_optimizer, peak_lrs, set_encoder_frozen
 from cellseg.engine.session import TrainingSession
@@ -225,7 +225,7 @@ def find_lr(
                 break
         del optimizer
     points = len(smoothed)
-    curve = LrCurve(session.plan.strategy or "custom", lrs[:points], losses[:points], smoothed, stopped, rule=rule)
+    curve = LrCurve(strategy_label(session.plan.strategy), lrs[:points], losses[:points], smoothed, stopped, rule=rule)
     curve.suggestions = suggest(curve.lrs, curve.smoothed)
     return curve
 
@@ -280,7 +280,7 @@ def lr_find(
             session = TrainingSession(cfg, out)
             if init_from is not None:
                 _load_initial(session, init_from)
-            bar.start_part(session.plan.strategy or "custom", steps)
+            bar.start_part(strategy_label(session.plan.strategy), steps)
             curves.append(find_lr(session, start_lr, end_lr, steps, unfrozen, rule=rule,
                                   on_step=lambda i, lr, loss: bar.step(i + 1, f"lr {lr:.1e} loss {loss:.4f}")))
             bar.done(_summary(curves[-1]))

@@ -76,7 +76,7 @@ def sweep_ce(
     if config.model.num_classes != 2:
         raise ConfigError(f"model.num_classes {config.model.num_classes}: the CE-weight sweep is for background/cell")
     planned = plan([config], out, "use a new --out")
-    strategy = (config.data.codes is None and config.data.strategy) or "custom"
+    strategy = config.data.label
     params = {**{k: v for k, v in config.flat().items() if k != "train.ce_weights"},
               "sweep.weights": ",".join(f"{w:g}" for w in weights)}
     rows, predictions = [], []

@@ -163,7 +163,7 @@ def tune(
     params = {"objective": settings.objective, "direction": settings.direction, "lr_range": settings.lr_range,
               "ratio_range": settings.ratio_range, "tune_dropout": settings.tune_dropout,
               "sampler_seed": settings.sampler_seed, "storage": redact(storage),
-              "strategy": config.data.strategy if config.data.codes is None else "custom"}
+              "strategy": config.data.label}
     with experiment(planned, KIND, "study", study, trials, "trials", params, show_progress=show_progress) as runner:
         optuna_study.set_user_attr("mlflow_parent_run_id", runner.parent.run_id)
         with _optuna_quiet():

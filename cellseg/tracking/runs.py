@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from cellseg.config import strategy_label
 from cellseg.errors import TrackingError, one_line, tracking_errors
 from cellseg.locks import hold
 from cellseg.run_folder import CONFIG_NAME, METRICS_NAME, SPLIT_NAME
@@ -180,7 +181,7 @@ def _git_commit(folder: Path) -> str | None:
 
 def registered_name(register_as: str | None, strategy: str | None) -> str:
     """``--register-as`` or ``cellseg-<strategy>`` (``cellseg-custom`` for explicit codes)."""
-    return register_as or f"cellseg-{strategy or 'custom'}"
+    return register_as or f"cellseg-{strategy_label(strategy)}"
 
 
 class MlflowCallback:
@@ -313,7 +314,7 @@ class MlflowCallback:
 
     def _tags(self, session) -> dict[str, str]:
         plan = session.plan
-        return {"strategy": plan.strategy or "custom", "codes": ",".join(map(str, plan.codes)),
+        return {"strategy": strategy_label(plan.strategy), "codes": ",".join(map(str, plan.codes)),
                 "cellseg.run_dir": str(session.run_dir.resolve()), **self.tags}
 
     def _log_params(self, session) -> None:
