@@ -120,7 +120,7 @@ class TrainConfig(_Section):
     ce_weights: list[float] = Field([1.0, 1.0], description="Cross-entropy weight per class.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_every: int = Field(1, ge=1)
-    instance_metrics_every: int = Field(5, ge=1, description="val_ap_50 every N epochs and at each phase's end "
+    instance_metrics_every: int = Field(1, ge=1, description="val_ap_50 every N epochs and at each phase's end "
                                                              "(stores with true cells: a whole-image inference "
                                                              "per validation stack).")
     precise_bn: bool = Field(False, description="Before each validation, BatchNorm statistics re-estimated "
