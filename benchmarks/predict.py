@@ -3,12 +3,13 @@
 Tiles of ``--size``² pixels at ``--batch`` per forward through ``cellseg.inference.tiling.predict_tiled`` (the
 code `cellseg predict` runs; no overlap, so one image of ``batch`` tiles is one batch) with a fresh random
 resnet34 U-Net held channels-last as `cellseg predict` loads it; optionally (``--contiguous``) a plain forward of
-the same batch with model and input in the default (contiguous) memory format, for comparison.
+the same batch with model and input in the default (contiguous) memory format, and (``--compile``) the same
+tiled prediction through ``torch.compile(model)`` (inductor; its one-off compile time is reported apart).
 The limit: a ``--matmul`` ² fp32 matrix product on the same device, same threads, in the same run.
 FLOPs per tile forward are counted with torch's FlopCounterMode (2 per multiply-add).
 
     python benchmarks/predict.py [--device cpu|cuda] [--size 400] [--batch 4] [--reps 2] [--threads 0]
-        [--contiguous] [--quick] [--json-out FILE]
+        [--contiguous] [--compile] [--quick] [--json-out FILE]
 
 ``--quick``: CI-sized (128² tiles, batch 2, 1 rep, 1024² matmul). Prints a markdown table and JSON.
 """
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--matmul", type=int, default=2048, help="side of the fp32 matmul that measures the limit")
     parser.add_argument("--contiguous", action="store_true", help="also time a plain contiguous-format forward")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(model) (inductor)")
     parser.add_argument("--quick", action="store_true", help="CI-sized run")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
@@ -108,6 +110,17 @@ def main(argv: list[str] | None = None) -> dict:
         forward()
         rows.append(("plain forward, contiguous", timed(forward, device, args.reps)))
 
+    compile_s = None
+    if args.compile:
+        compiled = torch.compile(model_cl)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            compiled(torch.rand(args.batch, 3, args.size, args.size, device=device).to(memory_format=torch.channels_last))
+        sync(device)
+        compile_s = time.perf_counter() - start
+        run_compiled = lambda: predict_tiled(compiled, image, args.size, overlap=0.0, batch_size=args.batch, device=device)  # noqa: E731
+        rows.append(("predict_tiled, channels-last, torch.compile", timed(run_compiled, device, args.reps)))
+
     results = []
     for name, seconds in rows:
         s = statistics.median(seconds)
@@ -119,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "benchmark": "predict", "device": str(device), "size": args.size, "batch": args.batch, "reps": args.reps,
         "gflop_per_tile_forward": gflop_per_tile, "fp32_matmul_gflops": limit, "matmul_side": args.matmul,
+        "compile_s": compile_s,
         "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
@@ -132,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     for r in results:
         print(f"| {r['method']} | {statistics.median(r['batch_s']):.2f} | {r['tiles_per_s']:.2f} "
               f"| {r['megapixels_per_s']:.2f} | {r['gflop_per_s']:.0f} | {r['percent_of_matmul']:.0f} |")
+    if compile_s is not None:
+        print(f"\ntorch.compile: {compile_s:.0f} s to compile (first batch), before the timed batches")
     text = json.dumps(report, indent=2)
     print("\n" + text)
     if args.json_out:

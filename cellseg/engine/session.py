@@ -123,7 +123,8 @@ class TrainingSession:
 
     @property
     def cuda(self) -> bool:
-        """On CUDA: bf16 autocast and channels-last (on the CPU, channels-last trains ~1.5x slower)."""
+        """On CUDA: bf16 autocast and channels-last (on the CPU channels-last gains only 2-19 % per step,
+        docs/benchmarks.md, so CPU training stays contiguous)."""
         return self.device.type == "cuda"
 
     def _existing_split(self) -> Split | None:
