@@ -34,3 +34,13 @@ def one_line_error(result, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
+
+
+def synthetic_store(folder: Path, layout: str, cells: int, negatives: int) -> Path:
+    """A synthetic dataset of ``layout`` at 64 px (seed 0) written to ``folder/raw`` and ingested to ``folder/<layout>.zarr``."""
+    from cellseg.data.ingest import ingest
+    from cellseg.data.synth import synthesize
+
+    synthesize(folder / "raw", layout=layout, cells=cells, negatives=negatives, size=64, seed=0)
+    ingest(folder / "raw", folder / f"{layout}.zarr", layout=layout)
+    return folder / f"{layout}.zarr"

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from experiments_support import tiny_config
+from experiments_support import synthetic_store, tiny_config
 
 from cellseg.data.store import open_store
 from cellseg.engine.loop import fit
@@ -22,13 +22,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def learn_store(tmp_path_factory):
     """16 cells + 2 controls at 64 px: ~14 training stacks, 7 steps per epoch at batch 2."""
-    from cellseg.data.ingest import ingest
-    from cellseg.data.synth import synthesize
-
-    root = tmp_path_factory.mktemp("learn")
-    synthesize(root / "raw", layout="trainer", cells=16, negatives=2, size=64, seed=0)
-    ingest(root / "raw", root / "learn.zarr", layout="trainer")
-    return root / "learn.zarr"
+    return synthetic_store(tmp_path_factory.mktemp("learn"), "trainer", cells=16, negatives=2)
 
 
 class BatchLosses:

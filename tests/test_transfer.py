@@ -8,6 +8,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from experiments_support import synthetic_store
+
 from cellseg.cli.main import app
 from cellseg.data.layouts import load_layout
 from cellseg.engine.checkpoint import save_checkpoint
@@ -58,13 +60,7 @@ def _run_folder(folder, codes, strategy):
 
 @pytest.fixture(scope="module")
 def external_store(tmp_path_factory):
-    from cellseg.data.ingest import ingest
-    from cellseg.data.synth import synthesize
-
-    root = tmp_path_factory.mktemp("external")
-    synthesize(root / "external", layout="external", cells=2, negatives=1, size=64, seed=0)
-    ingest(root / "external", root / "external.zarr", layout="external")
-    return root / "external.zarr"
+    return synthetic_store(tmp_path_factory.mktemp("external"), "external", cells=2, negatives=1)
 
 
 def test_transfer_cli_scores_a_mappable_model(tmp_path, external_store):

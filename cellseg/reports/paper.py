@@ -163,10 +163,10 @@ class _Report:
                   "renderer made that input, before any learning.", ""]
         self._figure("strategies.png", figures.strategies_figure(table, self.baselines["trainer"]), lines,
                      "Final validation accuracy per strategy, ours and the paper's")
-        lines += [f"- {s}" for s in self._strategy_sentences(table)] + [""]
+        lines += [f"- {s}" for s in self._strategy_sentences(table, reach)] + [""]
         return lines
 
-    def _strategy_sentences(self, table) -> list[str]:
+    def _strategy_sentences(self, table, reach: dict[str, float]) -> list[str]:
         said = []
         order = an.ordering(table)
         if order is not None:
@@ -201,7 +201,7 @@ class _Report:
             below = others[others["accuracy"] <= b.accuracy]["strategy"].tolist()
             said.append("**Every strategy beats all black**, as in the paper." if not below else
                         f"**Not above all black:** {', '.join(below)} (the paper has every strategy above it).")
-        said += self._generator_sentences(table)
+        said += self._generator_sentences(table, reach)
         nothing = table[~table["learned"]]["strategy"].tolist()
         if nothing:
             said.append(f"**Learned nothing beyond the majority class** (cell accuracy < 5%): {', '.join(nothing)}.")
@@ -218,7 +218,7 @@ class _Report:
             return {}
         return an.threshold_reach(self.results.qc, self._layout("trainer"), table["strategy"].tolist())
 
-    def _generator_sentences(self, table) -> list[str]:
+    def _generator_sentences(self, table, reach: dict[str, float]) -> list[str]:
         """How much of the ordering the synthetic renderer sets: our accuracy against the threshold Dice."""
         from scipy.stats import spearmanr
 
@@ -226,7 +226,6 @@ class _Report:
 
         if "synth" not in self.params:
             return []
-        reach = self._threshold_reach(table)
         said = [f"**How much comes from the generator:** on synthetic stacks a strategy's difficulty is a choice "
                 f"of the renderer (`cellseg/data/synth_optics.py`): each fluorescent label is missing from "
                 f"{100 * UNLABELLED_FRACTION:.0f}% of cells at random (so one label caps what its model can see, "
